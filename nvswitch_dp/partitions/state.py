@@ -351,13 +351,14 @@ class PartitionBook:
         """
         active = set(active_ids)
         corrected: set[int] = set()
+        # Drops first, so a partition FM swapped for an overlapping one can be taken up.
         for pid in self.table.ids:
-            phase = self._phase[pid]
-            if phase is Phase.ACTIVE and pid not in active:
+            if self._phase[pid] is Phase.ACTIVE and pid not in active:
                 self._phase[pid] = Phase.INACTIVE
                 self._in_use.discard(pid)
                 corrected.add(pid)
-            elif phase is Phase.INACTIVE and pid in active:
+        for pid in self.table.ids:
+            if self._phase[pid] is Phase.INACTIVE and pid in active:
                 if any(self.occupied(o) for o in self.table.overlapping(pid)):
                     continue  # cannot be true at FM; the next list settles it
                 self._phase[pid] = Phase.ACTIVE

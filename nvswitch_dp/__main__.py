@@ -1,0 +1,3 @@
+from nvswitch_dp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,421 @@
+"""The partition controller: the one place where kubelet, operator and FM meet the core.
+
+Ownership: the controller owns the :class:`PartitionBook`, talks to Fabric Manager
+through a :class:`~nvswitch_dp.ports.FabricManagerClient`, and publishes every change on
+its :class:`ChangeFeed`. The kubelet path (Allocate) and the REST path (manual
+activation) both go through it, so the two can never disagree.
+
+Concurrency: everything runs on one thread (Trio, with the asyncio loop of
+trio-asyncio on top). Decisions are taken synchronously against the book, so two
+requests can never both win a GPU; only the FM calls that follow a decision await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from nvswitch_dp.fabric.types import FabricManagerError, FmInUse, FmReturn
+from nvswitch_dp.metrics import Metrics
+from nvswitch_dp.partitions.state import (
+    Claim,
+    PartitionBook,
+    PartitionView,
+    StateError,
+    UnknownPartition,
+)
+from nvswitch_dp.partitions.table import Partition, partition_id_of
+from nvswitch_dp.ports import FabricManagerClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ANNOTATION_PREFIX = "nvswitch-dp.io"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSlot:
+    """What the plugin hands out for one GPU: where it sits on PCI and in VFIO."""
+
+    module_id: int
+    pci_address: str
+    iommu_group: int
+    numa_node: int | None
+
+
+class AllocationError(Exception):
+    """An Allocate the plugin refuses; the message says which partition blocks it."""
+
+    def __init__(self, message: str, *, kind: str = "refused") -> None:
+        super().__init__(message)
+        self.kind = kind  # "unknown" | "refused" | "fabric"
+
+
+class ChangeFeed:
+    """Wakes ListAndWatch streams (asyncio side) when the partition book changes.
+
+    The Trio side calls :meth:`publish` synchronously; that only sets asyncio events,
+    which is safe because both loops share one thread. :meth:`close` ends every stream.
+    """
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.closed = False
+        self._waiters: set[asyncio.Event] = set()
+
+    def publish(self) -> None:
+        self.generation += 1
+        for waiter in self._waiters:
+            waiter.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.publish()
+
+    async def wait_beyond(self, generation: int) -> int:
+        """Wait (asyncio) until something newer than ``generation`` is published."""
+        while self.generation == generation and not self.closed:
+            waiter = asyncio.Event()
+            self._waiters.add(waiter)
+            try:
+                await waiter.wait()
+            finally:
+                self._waiters.discard(waiter)
+        return self.generation
+
+
+@dataclass
+class AllocationPlan:
+    """The outcome of the synchronous half of Allocate: what was claimed, what FM must do."""
+
+    resource: str
+    partitions: list[Partition]
+    to_activate: list[int] = field(default_factory=list)
+    to_await: list[int] = field(default_factory=list)
+
+    @property
+    def needs_fabric(self) -> bool:
+        return bool(self.to_activate or self.to_await)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceNode:
+    container_path: str
+    host_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerGrant:
+    """What a container receives for its partitions (mapped to the gRPC answer at the edge)."""
+
+    devices: tuple[DeviceNode, ...]
+    envs: Mapping[str, str]
+    annotations: Mapping[str, str]
+
+
+def pci_resource_env(resource_name: str) -> str:
+    """KubeVirt's variable for a resource's PCI addresses (hyphens kept)."""
+    return "PCI_RESOURCE_" + resource_name.upper().replace("/", "_").replace(".", "_")
+
+
+class PartitionController:
+    """See the module docstring. Errors: :class:`AllocationError` on the kubelet path,
+    :class:`StateError` and :class:`FabricManagerError` on the operator path."""
+
+    def __init__(
+        self,
+        book: PartitionBook,
+        fabric: FabricManagerClient,
+        gpus: Mapping[int, GpuSlot],
+        *,
+        resource_prefix: str,
+        dev_root: Path,
+        metrics: Metrics,
+    ) -> None:
+        self.book = book
+        self.fabric = fabric
+        self.gpus = dict(gpus)
+        self.resource_prefix = resource_prefix
+        self.dev_root = dev_root
+        self.metrics = metrics
+        self.feed = ChangeFeed()
+        self.fabric_reachable = True
+        self.fabric_problem: str | None = None
+        self._activations: dict[int, trio.Event] = {}
+        self.resources: dict[str, int] = {
+            self.resource_name(size): size for size in book.table.sizes
+        }
+        self.registered: dict[str, bool] = dict.fromkeys(self.resources, False)
+        metrics.observe_partitions(self.views_with_resource)
+        for resource in self.resources:
+            metrics.resource_registered.labels(resource=resource).set(0)
+
+    def set_registered(self, resource: str, registered: bool) -> None:
+        self.registered[resource] = registered
+        self.metrics.resource_registered.labels(resource=resource).set(int(registered))
+
+    @property
+    def all_registered(self) -> bool:
+        return all(self.registered.values())
+
+    # -- naming ----------------------------------------------------------------------
+
+    def resource_name(self, size: int) -> str:
+        return f"{self.resource_prefix}-{size}x"
+
+    def resource_of(self, partition: Partition) -> str:
+        return self.resource_name(partition.size)
+
+    def views_with_resource(self) -> list[tuple[PartitionView, str]]:
+        return [(v, self.resource_of(v.partition)) for v in self.book.views()]
+
+    def topology(self, partition: Partition) -> tuple[int, ...]:
+        """NUMA nodes of the partition's GPUs (empty when sysfs does not know)."""
+        nodes = {
+            self.gpus[m].numa_node
+            for m in partition.module_ids
+            if m in self.gpus and self.gpus[m].numa_node is not None
+        }
+        return tuple(sorted(n for n in nodes if n is not None))
+
+    # -- kubelet path ----------------------------------------------------------------
+
+    def begin_allocation(self, resource: str, device_ids: Sequence[str]) -> AllocationPlan:
+        """Claim every requested partition at once, or none (synchronous, atomic).
+
+        Raises :class:`AllocationError` naming the device and, when another partition
+        blocks it, that partition and its state.
+        """
+        size = self.resources.get(resource)
+        if size is None:
+            raise AllocationError(f"resource {resource} is not served here", kind="unknown")
+        if not device_ids:
+            raise AllocationError("the request names no device", kind="unknown")
+        wanted: list[int] = []
+        for device in device_ids:
+            try:
+                pid = partition_id_of(device)
+            except ValueError as exc:
+                raise AllocationError(str(exc), kind="unknown") from None
+            if pid not in self.book.table or self.book.table[pid].size != size:
+                raise AllocationError(
+                    f"device {device} is not a partition of {resource}", kind="unknown"
+                )
+            wanted.append(pid)
+        plan = AllocationPlan(resource, [self.book.table[pid] for pid in wanted])
+        claimed: list[tuple[int, Claim]] = []
+        try:
+            for pid in wanted:
+                claim = self.book.claim(pid)
+                claimed.append((pid, claim))
+                if claim is Claim.ACTIVATE:
+                    plan.to_activate.append(pid)
+                    self._activations[pid] = trio.Event()
+                elif claim is Claim.WAIT:
+                    plan.to_await.append(pid)
+        except StateError as exc:
+            self._undo_claims(claimed)
+            raise AllocationError(
+                f"cannot allocate {self.book.table[wanted[len(claimed)]].device_id}: {exc}; "
+                "the scheduler will retry once the node reports the change"
+            ) from None
+        finally:
+            self.feed.publish()
+        return plan
+
+    async def complete_allocation(self, plan: AllocationPlan) -> None:
+        """Activate in FM what :meth:`begin_allocation` claimed; roll back on failure.
+
+        Raises :class:`AllocationError` (kind "fabric") after undoing this request's
+        claims and activations, so state stays consistent.
+        """
+        attempted: list[int] = []
+        try:
+            for pid in plan.to_activate:
+                attempted.append(pid)
+                await self._activate_claimed(pid)
+            for pid in plan.to_await:
+                event = self._activations.get(pid)
+                if event is not None:
+                    await event.wait()
+                if not self.book.in_use(pid):
+                    raise AllocationError(
+                        f"activation of partition {pid} failed while this request waited",
+                        kind="fabric",
+                    )
+        except (FabricManagerError, AllocationError) as exc:
+            failed = attempted[-1] if isinstance(exc, FabricManagerError) else None
+            for pid in plan.to_activate:
+                if pid not in attempted:  # never started: still ACTIVATING in the book
+                    self._activations.pop(pid, None)
+                    self.book.activation_failed(pid)
+                elif pid != failed:  # activated for this request: undo it
+                    self.book.release(pid)
+                    await self._deactivate_quietly(pid)
+            for pid in plan.to_await:
+                self.book.release(pid)
+            self.feed.publish()
+            if isinstance(exc, AllocationError):
+                raise
+            raise AllocationError(
+                f"Fabric Manager could not activate partition {failed}: {exc}", kind="fabric"
+            ) from exc
+
+    async def abandon(self, plan: AllocationPlan) -> None:
+        """Undo a completed allocation (a later container of the same call failed)."""
+        for partition in plan.partitions:
+            self.book.release(partition.partition_id)
+            if partition.partition_id in plan.to_activate:
+                await self._deactivate_quietly(partition.partition_id)
+        self.feed.publish()
+
+    def grant(self, plan: AllocationPlan) -> ContainerGrant:
+        """Devices, environment and annotations for the container (pure)."""
+        addresses: list[str] = []
+        groups: list[int] = []
+        for partition in plan.partitions:
+            for module in partition.sorted_modules:
+                slot = self.gpus[module]
+                addresses.append(slot.pci_address)
+                if slot.iommu_group not in groups:
+                    groups.append(slot.iommu_group)
+        vfio = self.dev_root / "vfio"
+        devices = [DeviceNode("/dev/vfio/vfio", str(vfio / "vfio"))]
+        devices += [DeviceNode(f"/dev/vfio/{g}", str(vfio / str(g))) for g in groups]
+        ids = ",".join(str(p.partition_id) for p in plan.partitions)
+        modules = ",".join(":".join(str(m) for m in p.sorted_modules) for p in plan.partitions)
+        envs = {
+            pci_resource_env(plan.resource): ",".join(addresses),
+            "NVSWITCH_DP_PARTITION_IDS": ids,
+            "NVSWITCH_DP_PARTITION_MODULES": modules,
+        }
+        annotations = {
+            f"{ANNOTATION_PREFIX}/partition-ids": ids,
+            f"{ANNOTATION_PREFIX}/pci-addresses": ",".join(addresses),
+        }
+        return ContainerGrant(tuple(devices), envs, annotations)
+
+    # -- operator path ---------------------------------------------------------------
+
+    async def activate(self, partition_id: int) -> None:
+        """Activate a partition no pod holds (pre-warming). Raises StateError / FM errors."""
+        self.book.begin_activation(partition_id)
+        self._activations[partition_id] = trio.Event()
+        self.feed.publish()
+        try:
+            await self._activate_claimed(partition_id)
+        finally:
+            self.feed.publish()
+
+    async def deactivate(self, partition_id: int, *, force: bool = False) -> None:
+        """Deactivate an active partition; refused while a pod holds it unless ``force``."""
+        if force and self.book.in_use(partition_id):
+            log.warning("forced deactivation of partition %d, held by a pod", partition_id)
+            self.metrics.count_operation("force_deactivate", "requested")
+        self.book.begin_deactivation(partition_id, force=force)
+        self.feed.publish()
+        try:
+            await self._call_fabric("deactivate", self.fabric.deactivate, partition_id)
+        except FabricManagerError as exc:
+            if exc.code == FmReturn.UNINITIALIZED:
+                self.book.deactivated(partition_id)  # FM already had it inactive
+            else:
+                self.book.deactivation_failed(partition_id)
+                raise
+        else:
+            self.book.deactivated(partition_id)
+        finally:
+            self.feed.publish()
+
+    # -- FM --------------------------------------------------------------------------
+
+    async def _activate_claimed(self, partition_id: int) -> None:
+        event = self._activations.setdefault(partition_id, trio.Event())
+        succeeded = False
+        try:
+            try:
+                await self._call_fabric("activate", self.fabric.activate, partition_id)
+            except FmInUse:
+                # Idempotent: FM may already have it active (a restart, a lost answer).
+                report = await self._call_fabric("list", self.fabric.list_partitions)
+                if partition_id not in report.active_ids:
+                    raise
+            succeeded = True
+        finally:
+            if succeeded:
+                self.book.activated(partition_id)
+            else:
+                self.book.activation_failed(partition_id)
+            self._activations.pop(partition_id, None)
+            event.set()
+            self.feed.publish()
+
+    async def _deactivate_quietly(self, partition_id: int) -> None:
+        try:
+            await self.deactivate(partition_id)
+        except (FabricManagerError, StateError) as exc:
+            log.error("could not roll back partition %d: %s", partition_id, exc)
+
+    def _undo_claims(self, claimed: Iterable[tuple[int, Claim]]) -> None:
+        for pid, claim in claimed:
+            if claim is Claim.ACTIVATE:
+                self._activations.pop(pid, None)
+                self.book.activation_failed(pid)
+            else:
+                self.book.release(pid)
+
+    async def _call_fabric(
+        self, operation: str, call: Callable[..., Awaitable[T]], *args: int
+    ) -> T:
+        try:
+            result = await call(*args)
+        except FabricManagerError as exc:
+            self.metrics.count_operation(operation, exc.code_name)
+            self._note_reachability(exc)
+            raise
+        self.metrics.count_operation(operation, "SUCCESS")
+        self._note_reachability(None)
+        return result
+
+    def _note_reachability(self, exc: FabricManagerError | None) -> None:
+        unreachable = exc is not None and exc.code in (
+            FmReturn.CONNECTION_NOT_VALID,
+            FmReturn.TIMEOUT,
+        )
+        self.fabric_reachable = not unreachable
+        self.fabric_problem = str(exc) if unreachable else None
+        self.metrics.fabric_manager_up.set(0 if unreachable else 1)
+
+    def set_gpu_fault(self, module_id: int, reason: str | None) -> None:
+        """Record a GPU's hardware/VFIO problem (None when it is fine again)."""
+        if self.book.set_module_fault(module_id, reason):
+            if reason is None:
+                log.info("GPU module %d is healthy again", module_id)
+            else:
+                log.warning("GPU module %d: %s", module_id, reason)
+            self.feed.publish()
+
+    async def reconcile(self) -> None:
+        """Bring the book in line with FM's active set. FM errors are recorded, not raised."""
+        try:
+            report = await self._call_fabric("list", self.fabric.list_partitions)
+        except FabricManagerError as exc:
+            log.warning("reconcile: %s", exc)
+            return
+        corrected = self.book.observe_active(report.active_ids)
+        if corrected:
+            log.warning(
+                "Fabric Manager disagreed on partitions %s; took FM's word", sorted(corrected)
+            )
+            self.feed.publish()
+
+    def view(self, partition_id: int) -> PartitionView:
+        if partition_id not in self.book.table:
+            raise UnknownPartition(partition_id)
+        return self.book.view(partition_id)

@@ -1,0 +1,224 @@
+"""The daemon: one nursery tree, one shutdown path.
+
+    trio.run(run_daemon)
+    └── trio_asyncio.open_loop()            grpclib's asyncio loop, above everything
+        └── daemon nursery
+            ├── watch_signals               SIGTERM/SIGINT -> ShutdownError
+            ├── serve_api                   Quart-Trio on Hypercorn
+            ├── supervise_fabric            FM reconcile loop
+            ├── watch_gpu_health            VFIO state of every GPU
+            └── serve_resource  x N         one grpclib server + registration per size
+
+A signal closes the change feed (every ListAndWatch stream ends cleanly), then raises
+:class:`ShutdownError`, which cancels the nursery; each task's cleanup (closing servers
+and removing sockets) runs under a shielded deadline, and :func:`main_run` turns the
+ShutdownError into exit status 0. The shape follows hypercorn's ``trio/run.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+import trio_asyncio
+
+from api.app import create_app
+from nvswitch_dp.config import Config
+from nvswitch_dp.controller import GpuSlot, PartitionController
+from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
+from nvswitch_dp.fabric.types import FabricManagerError, FmReport
+from nvswitch_dp.metrics import Metrics
+from nvswitch_dp.partitions.state import PartitionBook
+from nvswitch_dp.partitions.table import PartitionTable
+from nvswitch_dp.plugin.lifecycle import serve_resource
+from nvswitch_dp.ports import FabricManagerClient
+from nvswitch_dp.vfio.discovery import build_inventory, discover_gpus, vfio_problem
+
+log = logging.getLogger(__name__)
+
+FM_START_BACKOFF_MAX_S = 5.0
+
+
+class ShutdownError(Exception):
+    """Raised by :func:`watch_signals` to end the daemon's nursery; not an error."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the daemon learned at start: FM's table and our GPUs."""
+
+    report: FmReport
+    gpus: dict[int, GpuSlot]
+    unmapped: dict[int, str]  # module ID -> why it has no usable PCI function
+
+
+def build_fabric_client(config: Config) -> FabricManagerClient:
+    """The FM backend the configuration names."""
+    fm = config.fabric_manager
+    if fm.backend == "simulator":
+        store = SimulatorStore(
+            Path(config.state_dir) / "fabricmanager.state", fm.simulator_platform
+        )
+        return SimulatedFabricManager(store)
+    if fm.backend == "fmpm":
+        from nvswitch_dp.fabric.fmpm import FmpmFabricManager
+
+        return FmpmFabricManager(
+            command=[fm.fmpm_path],
+            endpoint=fm.endpoint,
+            timeout=fm.timeout_seconds,
+            retries=fm.retries,
+        )
+    from nvswitch_dp.fabric.libnvfm import LibnvfmFabricManager
+
+    return LibnvfmFabricManager(
+        library=fm.libnvfm_path, endpoint=fm.endpoint, timeout=fm.timeout_seconds
+    )
+
+
+async def first_report(fabric: FabricManagerClient) -> FmReport:
+    """FM's table, waiting for FM as long as it takes (it may still be starting)."""
+    delay = 0.1
+    while True:
+        try:
+            return await fabric.list_partitions()
+        except FabricManagerError as exc:
+            log.warning("Fabric Manager not answering yet (%s); retrying in %.1fs", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, FM_START_BACKOFF_MAX_S)
+
+
+def discover_node(config: Config, report: FmReport) -> Node:
+    """Join FM's module IDs with the PCI functions found in sysfs (synchronous I/O)."""
+    sysfs, dev = Path(config.vfio.sysfs_root), Path(config.vfio.dev_root)
+    found = discover_gpus(sysfs, dev, config.vfio.gpu_device_ids)
+    inventory = build_inventory(config.module_map, found)
+    gpus: dict[int, GpuSlot] = {}
+    unmapped: dict[int, str] = {}
+    modules = sorted({g.physical_id for p in report.partitions for g in p.gpus})
+    for module in modules:
+        gpu = inventory.gpus.get(module)
+        if gpu is None or gpu.iommu_group is None:
+            unmapped[module] = "no PCI address in module_map, or no such GPU in sysfs"
+            continue
+        gpus[module] = GpuSlot(module, gpu.address, gpu.iommu_group, gpu.numa_node)
+    return Node(report, gpus, unmapped)
+
+
+async def watch_signals(
+    on_signal: Callable[[], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Wait for SIGTERM or SIGINT, call ``on_signal``, raise :class:`ShutdownError`."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            on_signal()
+            raise ShutdownError(signal.Signals(signum).name)
+
+
+async def supervise_fabric(
+    controller: PartitionController,
+    interval: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Reconcile FM's active set with the book every ``interval`` seconds.
+
+    Error handling: FM errors are counted and reflected in reachability (readiness),
+    never raised; the next period tries again.
+    """
+    task_status.started()
+    while True:
+        await trio.sleep(interval)
+        await controller.reconcile()
+
+
+async def watch_gpu_health(
+    controller: PartitionController,
+    config: Config,
+    interval: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Poll each GPU's VFIO state; a problem makes its partitions Unhealthy until it clears."""
+    sysfs, dev = Path(config.vfio.sysfs_root), Path(config.vfio.dev_root)
+    task_status.started()
+    while True:
+        for module, slot in controller.gpus.items():
+            controller.set_gpu_fault(module, vfio_problem(sysfs, dev, slot.pci_address))
+        await trio.sleep(interval)
+
+
+def api_config(listen: str) -> hypercorn.config.Config:
+    config = hypercorn.config.Config()
+    config.bind = [listen]
+    config.accesslog = None
+    config.graceful_timeout = 1.0
+    return config
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[PartitionController] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until a signal (ShutdownError) or cancellation.
+
+    ``task_status.started`` receives the controller once every resource serves.
+    """
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        fabric = build_fabric_client(config)
+        report = await first_report(fabric)
+        node = discover_node(config, report)
+        table = PartitionTable.from_report(report)
+        book = PartitionBook(table)
+        # Until PodResources says otherwise, whatever FM has active may be in use.
+        book.adopt(report.active_ids, in_use_ids=report.active_ids)
+        controller = PartitionController(
+            book,
+            fabric,
+            node.gpus,
+            resource_prefix=config.plugin.resource_prefix,
+            dev_root=Path(config.vfio.dev_root),
+            metrics=Metrics(),
+        )
+        for module, reason in node.unmapped.items():
+            log.error("GPU module %d: %s", module, reason)
+            controller.set_gpu_fault(module, reason)
+        log.info(
+            "Fabric Manager (%s) reports %d partitions; serving %s",
+            fabric.name,
+            len(table),
+            ", ".join(controller.resources),
+        )
+        await nursery.start(watch_signals, controller.feed.close)
+        await nursery.start(
+            hypercorn.trio.serve, create_app(controller), api_config(config.api.listen)
+        )
+        await nursery.start(
+            supervise_fabric, controller, config.fabric_manager.reconcile_interval_seconds
+        )
+        await nursery.start(
+            watch_gpu_health, controller, config, config.vfio.health_interval_seconds
+        )
+        plugin_dir = Path(config.plugin.directory)
+        plugin_dir.mkdir(parents=True, exist_ok=True)
+        for resource in controller.resources:
+            await nursery.start(serve_resource, controller, resource, plugin_dir)
+        task_status.started(controller)
+
+
+def main_run(config: Config) -> int:
+    """Run the daemon in this process; 0 after a clean shutdown on a signal."""
+    try:
+        trio.run(run_daemon, config)
+    except* ShutdownError:
+        pass
+    return 0

@@ -1,0 +1,92 @@
+"""grpclib (asyncio) inside Trio: the one adapter between the two domains.
+
+grpclib runs on the asyncio loop that ``trio_asyncio.open_loop()`` provides above the
+daemon's nursery. This module starts and stops grpclib servers and makes grpclib client
+calls on behalf of Trio code; nothing else in the project calls ``aio_as_trio``.
+
+grpclib's ``Server.close()`` stops accepting and cancels running handlers but leaves
+accepted connections open, so a kubelet's ListAndWatch would hang on shutdown. The
+server here remembers its connections' transports and closes them too.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from grpclib.const import Handler as GrpcHandler
+from grpclib.protocol import H2Protocol
+from grpclib.server import Server
+from trio_asyncio import aio_as_trio
+
+T = TypeVar("T")
+
+# Long enough for in-flight unary calls to answer; short enough to exit within 3 s.
+CLOSE_GRACE_S = 1.0
+
+
+class _TrackedProtocol(H2Protocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        super().connection_made(transport)
+
+
+class ClosingServer(Server):
+    """A grpclib Server whose ``close_connections`` closes accepted connections."""
+
+    def __init__(self, handlers: Sequence[Any]) -> None:
+        super().__init__(list(handlers))
+        self._protocols: weakref.WeakSet[_TrackedProtocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        base = super()._protocol_factory()
+        tracked = _TrackedProtocol(base.handler, base.config, base.h2_config)
+        self._protocols.add(tracked)
+        return tracked
+
+    def close_connections(self) -> None:
+        for protocol in list(self._protocols):
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.close()
+
+
+def _unlink_socket(path: Path) -> None:
+    with suppress(FileNotFoundError):
+        path.unlink()
+
+
+@asynccontextmanager
+async def serving(handlers: Sequence[Any], socket_path: Path) -> AsyncIterator[ClosingServer]:
+    """Serve ``handlers`` on Unix socket ``socket_path`` for the body of the block.
+
+    Resource handling: a stale socket file is removed first; on exit the server stops
+    accepting, open connections (ListAndWatch streams) are closed, handlers get
+    ``CLOSE_GRACE_S`` to finish, and the socket file is removed. Errors: ``OSError``
+    when the socket cannot be bound.
+    """
+    _unlink_socket(socket_path)
+    server = ClosingServer(handlers)
+    await aio_as_trio(server.start)(path=str(socket_path))
+    try:
+        yield server
+    finally:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CLOSE_GRACE_S
+            server.close()
+            server.close_connections()
+            await aio_as_trio(server.wait_closed)()
+        _unlink_socket(socket_path)
+
+
+async def call_aio(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    """Await an asyncio coroutine function (a grpclib client call) from Trio."""
+    result: T = await aio_as_trio(fn)(*args)
+    return result
+
+
+__all__ = ["ClosingServer", "GrpcHandler", "call_aio", "serving"]

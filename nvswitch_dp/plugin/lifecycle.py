@@ -1,0 +1,145 @@
+"""Serve one resource's DevicePlugin, register it with the kubelet, and keep it so.
+
+A kubelet that restarts deletes every socket in the device-plugin directory and comes
+back with a new ``kubelet.sock``; until we register again our resources read as
+capacity 0. So each resource runs this loop:
+
+    serve on our socket -> wait for kubelet.sock -> register (retry with backoff)
+      -> watch: our socket removed, or kubelet.sock replaced -> close and start over
+
+The watch polls ``stat`` every ``POLL_S``: cheap, and it sees both events the kubelet
+gives (removal of our socket, a new kubelet.sock inode) with the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import trio
+from grpclib.client import Channel
+
+from nvswitch_dp.controller import PartitionController
+from nvswitch_dp.plugin.grpc_trio import call_aio, serving
+from nvswitch_dp.plugin.service import DevicePluginService
+from nvswitch_dp.proto import v1beta1 as dp
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1beta1"
+KUBELET_SOCKET = "kubelet.sock"
+POLL_S = 0.1
+REGISTER_TIMEOUT_S = 15.0  # the kubelet dials back for up to 10 s inside Register
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+def socket_name(resource: str) -> str:
+    """Our socket's file name for ``resource`` (relative to the plugin directory)."""
+    return "nvswitch-dp-" + resource.rsplit("/", 1)[-1] + ".sock"
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+async def register(plugin_dir: Path, resource: str, endpoint: str) -> None:
+    """Call Registration.Register on ``kubelet.sock``. Raises ``OSError``/``GRPCError``."""
+
+    async def register_aio() -> None:
+        channel = Channel(path=str(plugin_dir / KUBELET_SOCKET))
+        try:
+            await dp.RegistrationStub(channel).register(
+                dp.RegisterRequest(
+                    version=API_VERSION,
+                    endpoint=endpoint,
+                    resource_name=resource,
+                    options=dp.DevicePluginOptions(get_preferred_allocation_available=True),
+                ),
+                timeout=REGISTER_TIMEOUT_S,
+            )
+        finally:
+            channel.close()
+
+    await call_aio(register_aio)
+
+
+async def register_with_backoff(plugin_dir: Path, resource: str, endpoint: str) -> int:
+    """Register until it succeeds; a kubelet still starting refuses at first.
+
+    Returns the number of failed attempts. Cancelled only from outside.
+    """
+    delay = BACKOFF_FIRST_S
+    failures = 0
+    while True:
+        try:
+            await register(plugin_dir, resource, endpoint)
+            return failures
+        except Exception as exc:  # any failure: kubelet not ready yet, or restarting
+            failures += 1
+            log.warning("registering %s failed (%s); retrying in %.2fs", resource, exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+
+async def wait_for_kubelet(plugin_dir: Path) -> tuple[int, int]:
+    """Wait until ``kubelet.sock`` exists; return its identity."""
+    path = plugin_dir / KUBELET_SOCKET
+    announced = False
+    while (ident := _identity(path)) is None:
+        if not announced:
+            log.info("waiting for the kubelet at %s", path)
+            announced = True
+        await trio.sleep(POLL_S)
+    return ident
+
+
+async def wait_for_restart(socket_path: Path, kubelet: Path, kubelet_id: tuple[int, int]) -> str:
+    """Return why we must serve and register again: our socket or kubelet.sock changed."""
+    while True:
+        await trio.sleep(POLL_S)
+        if not os.path.exists(socket_path):
+            return "our socket was removed"
+        if _identity(kubelet) != kubelet_id:
+            return "kubelet.sock was replaced"
+
+
+async def serve_resource(
+    controller: PartitionController,
+    resource: str,
+    plugin_dir: Path,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve and register ``resource`` until cancelled.
+
+    Resource handling: owns the socket ``plugin_dir/socket_name(resource)``; it is
+    served before ``task_status.started()`` and removed on exit. Error handling:
+    registration failures are retried with backoff forever (the kubelet may take its
+    time); an ``OSError`` binding the socket propagates and stops the daemon.
+    """
+    endpoint = socket_name(resource)
+    socket_path = plugin_dir / endpoint
+    service = DevicePluginService(controller, resource)
+    started = False
+    while True:
+        async with serving([service], socket_path):
+            if not started:
+                task_status.started()
+                started = True
+            kubelet_id = await wait_for_kubelet(plugin_dir)
+            await register_with_backoff(plugin_dir, resource, endpoint)
+            controller.set_registered(resource, True)
+            log.info("registered %s with the kubelet (endpoint %s)", resource, endpoint)
+            try:
+                reason = await wait_for_restart(
+                    socket_path, plugin_dir / KUBELET_SOCKET, kubelet_id
+                )
+            finally:
+                controller.set_registered(resource, False)
+            log.info("%s: %s; serving and registering again", resource, reason)

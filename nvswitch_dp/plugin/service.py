@@ -1,0 +1,143 @@
+"""The DevicePlugin service for one resource (one partition size).
+
+Handlers run on the asyncio side (grpclib). They read the partition book synchronously
+(one thread, so a read is never torn) and hop to Trio only when Fabric Manager must be
+called, which keeps the hop off Allocate's path when a partition is already active.
+
+Errors: Allocate maps :class:`AllocationError` to gRPC status codes (NOT_FOUND for an
+unknown device, FAILED_PRECONDITION when another partition blocks it, UNAVAILABLE when
+FM fails) with a message that names the blocking partition. GetPreferredAllocation
+never fails: an error there fails the pod's admission, so it answers with its best
+effort instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from grpclib import GRPCError
+from grpclib.const import Status
+from trio_asyncio import trio_as_aio
+
+from nvswitch_dp.controller import AllocationError, AllocationPlan, PartitionController
+from nvswitch_dp.partitions.policy import preferred_allocation
+from nvswitch_dp.proto import v1beta1 as dp
+
+log = logging.getLogger(__name__)
+
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+
+_STATUS_BY_KIND = {
+    "unknown": Status.NOT_FOUND,
+    "refused": Status.FAILED_PRECONDITION,
+    "fabric": Status.UNAVAILABLE,
+}
+
+
+class DevicePluginService(dp.DevicePluginBase):
+    """Answers the kubelet for ``resource``; owns nothing, borrows the controller."""
+
+    def __init__(self, controller: PartitionController, resource: str) -> None:
+        self.controller = controller
+        self.resource = resource
+        self.size = controller.resources[resource]
+
+    def device_list(self) -> list[dp.Device]:
+        book = self.controller.book
+        devices = []
+        for partition in book.table.of_size(self.size):
+            numa = self.controller.topology(partition)
+            devices.append(
+                dp.Device(
+                    id=partition.device_id,
+                    health=HEALTHY if book.healthy(partition.partition_id) else UNHEALTHY,
+                    topology=dp.TopologyInfo(nodes=[dp.NumaNode(id=n) for n in numa])
+                    if numa
+                    else None,
+                )
+            )
+        return devices
+
+    async def get_device_plugin_options(self, message: dp.Empty) -> dp.DevicePluginOptions:
+        return dp.DevicePluginOptions(
+            pre_start_required=False, get_preferred_allocation_available=True
+        )
+
+    async def list_and_watch(self, message: dp.Empty) -> AsyncIterator[dp.ListAndWatchResponse]:
+        """The full list now, then again after every change that alters it."""
+        feed = self.controller.feed
+        last: list[tuple[str, str]] | None = None
+        while not feed.closed:
+            seen = feed.generation
+            devices = self.device_list()
+            summary = [(d.id, d.health) for d in devices]
+            if summary != last:
+                last = summary
+                yield dp.ListAndWatchResponse(devices=devices)
+            await feed.wait_beyond(seen)
+
+    async def get_preferred_allocation(
+        self, message: dp.PreferredAllocationRequest
+    ) -> dp.PreferredAllocationResponse:
+        responses = []
+        for request in message.container_requests:
+            try:
+                chosen = preferred_allocation(
+                    self.controller.book,
+                    request.available_deviceIDs,
+                    request.must_include_deviceIDs,
+                    request.allocation_size,
+                )
+            except Exception:  # never fail admission; see module docstring
+                log.exception("preferred allocation failed; answering first-fit")
+                chosen = list(request.must_include_deviceIDs)
+                chosen += [d for d in request.available_deviceIDs if d not in chosen]
+                chosen = chosen[: request.allocation_size]
+            responses.append(dp.ContainerPreferredAllocationResponse(device_i_ds=chosen))
+        return dp.PreferredAllocationResponse(container_responses=responses)
+
+    async def allocate(self, message: dp.AllocateRequest) -> dp.AllocateResponse:
+        started = time.perf_counter()
+        plans: list[AllocationPlan] = []  # completed ones, in order
+        try:
+            for request in message.container_requests:
+                plan = self.controller.begin_allocation(self.resource, request.devices_ids)
+                if plan.needs_fabric:
+                    await trio_as_aio(self.controller.complete_allocation)(plan)
+                plans.append(plan)
+        except AllocationError as exc:
+            # All or nothing: a failed container request undoes itself; undo the others.
+            for done in plans:
+                await trio_as_aio(self.controller.abandon)(done)
+            log.warning("Allocate %s refused: %s", self.resource, exc)
+            raise GRPCError(_STATUS_BY_KIND[exc.kind], str(exc)) from None
+        responses = [self._container_response(plan) for plan in plans]
+        self.controller.metrics.allocation_duration.labels(resource=self.resource).observe(
+            time.perf_counter() - started
+        )
+        log.info(
+            "allocated %s to a container",
+            ", ".join(p.device_id for plan in plans for p in plan.partitions),
+        )
+        return dp.AllocateResponse(container_responses=responses)
+
+    def _container_response(self, plan: AllocationPlan) -> dp.ContainerAllocateResponse:
+        grant = self.controller.grant(plan)
+        return dp.ContainerAllocateResponse(
+            envs=dict(grant.envs),
+            annotations=dict(grant.annotations),
+            devices=[
+                dp.DeviceSpec(
+                    container_path=d.container_path, host_path=d.host_path, permissions="rwm"
+                )
+                for d in grant.devices
+            ],
+        )
+
+    async def pre_start_container(
+        self, message: dp.PreStartContainerRequest
+    ) -> dp.PreStartContainerResponse:
+        return dp.PreStartContainerResponse()

@@ -1,0 +1,124 @@
+"""Run the real daemon as a process on a simulated node (tests, demo-like tools, benchmarks).
+
+Ownership: a :class:`DaemonProcess` owns its subprocess and nothing else; the caller owns
+the directories and the kubelet stand-in.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class DaemonProcess:
+    """``nvswitch-dp run --simulate PLATFORM`` as a child process."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        plugin_dir: Path,
+        *,
+        platform: str = "hgx-h200",
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.plugin_dir = plugin_dir
+        self.state_dir = workdir / "state"
+        self.port = free_port()
+        self.command = [
+            sys.executable, "-m", "nvswitch_dp", "run",
+            "--simulate", platform,
+            "--state-dir", str(self.state_dir),
+            "--plugin-dir", str(plugin_dir),
+            "--api-listen", f"127.0.0.1:{self.port}",
+            *(extra_args or []),
+        ]  # fmt: skip
+        self.env = env
+        self.log_path = workdir / "daemon.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def fm_state_file(self) -> Path:
+        return self.state_dir / "fabricmanager.state"
+
+    def start(self) -> DaemonProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env
+        )
+        log.close()
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str) -> tuple[int, Any]:
+        """GET ``path`` from the REST API: (status, decoded JSON or text)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                body = response.read()
+                status = response.status
+                content_type = response.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as exc:
+            body, status, content_type = exc.read(), exc.code, exc.headers.get("Content-Type", "")
+        if "json" in content_type:
+            return status, json.loads(body)
+        return status, body.decode()
+
+    def wait_api(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                self.get("/healthz")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"REST API not up after {timeout}s:\n{self.log_text()}")
+                time.sleep(0.05)
+
+    def check_alive(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"daemon exited with {self.process.returncode}:\n{self.log_text()}"
+            )
+
+    def terminate(self, timeout: float = 10.0) -> tuple[int, float]:
+        """SIGTERM; return (exit status, seconds it took to exit)."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            return self.process.returncode, 0.0
+        begin = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        return code, time.monotonic() - begin
