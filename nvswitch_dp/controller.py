@@ -27,6 +27,7 @@ from nvswitch_dp.partitions.state import (
     Claim,
     PartitionBook,
     PartitionView,
+    Phase,
     StateError,
     UnknownPartition,
 )
@@ -151,6 +152,9 @@ class PartitionController:
         self.resources: dict[str, int] = {
             self.resource_name(size): size for size in book.table.sizes
         }
+        self.claimed_at: dict[int, float] = {}  # partition -> trio time of its last claim
+        self.pending_deactivation: set[int] = set()  # released, FM deactivation to retry
+        self.pod_resources_reachable: bool | None = None  # None: not consulted yet
         self.registered: dict[str, bool] = dict.fromkeys(self.resources, False)
         metrics.observe_partitions(self.views_with_resource)
         for resource in self.resources:
@@ -209,11 +213,14 @@ class PartitionController:
                 )
             wanted.append(pid)
         plan = AllocationPlan(resource, [self.book.table[pid] for pid in wanted])
+        now = trio.current_time()
         claimed: list[tuple[int, Claim]] = []
         try:
             for pid in wanted:
                 claim = self.book.claim(pid)
                 claimed.append((pid, claim))
+                self.claimed_at[pid] = now
+                self.pending_deactivation.discard(pid)
                 if claim is Claim.ACTIVATE:
                     plan.to_activate.append(pid)
                     self._activations[pid] = trio.Event()
@@ -266,6 +273,34 @@ class PartitionController:
             raise AllocationError(
                 f"Fabric Manager could not activate partition {failed}: {exc}", kind="fabric"
             ) from exc
+
+    async def release(self, partition_id: int) -> None:
+        """No pod holds the partition any more: drop the claim and deactivate it in FM.
+
+        A failed deactivation leaves it active and queued for
+        :meth:`retry_pending_deactivations`; it is never retried while claimed again.
+        """
+        if not self.book.in_use(partition_id):
+            return
+        log.info("releasing partition %d: no pod holds it", partition_id)
+        self.book.release(partition_id)
+        self.claimed_at.pop(partition_id, None)
+        self.feed.publish()
+        self.pending_deactivation.add(partition_id)
+        await self.retry_pending_deactivations()
+
+    async def retry_pending_deactivations(self) -> None:
+        """Deactivate released partitions FM still has active; errors are logged."""
+        for pid in sorted(self.pending_deactivation):
+            if self.book.in_use(pid) or self.book.phase(pid) is not Phase.ACTIVE:
+                self.pending_deactivation.discard(pid)
+                continue
+            try:
+                await self.deactivate(pid)
+            except (FabricManagerError, StateError) as exc:
+                log.warning("deactivating released partition %d failed: %s", pid, exc)
+            else:
+                self.pending_deactivation.discard(pid)
 
     async def abandon(self, plan: AllocationPlan) -> None:
         """Undo a completed allocation (a later container of the same call failed)."""

@@ -7,6 +7,7 @@
             ├── serve_api                   Quart-Trio on Hypercorn
             ├── supervise_fabric            FM reconcile loop
             ├── watch_gpu_health            VFIO state of every GPU
+            ├── watch_pod_resources         release partitions no pod holds
             └── serve_resource  x N         one grpclib server + registration per size
 
 A signal closes the change feed (every ListAndWatch stream ends cleanly), then raises
@@ -37,6 +38,7 @@ from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.state import PartitionBook
 from nvswitch_dp.partitions.table import PartitionTable
 from nvswitch_dp.plugin.lifecycle import serve_resource
+from nvswitch_dp.plugin.pod_resources import GrpcPodResourcesClient, watch_pod_resources
 from nvswitch_dp.ports import FabricManagerClient
 from nvswitch_dp.vfio.discovery import build_inventory, discover_gpus, vfio_problem
 
@@ -156,6 +158,11 @@ async def watch_gpu_health(
         await trio.sleep(interval)
 
 
+def release_check_interval(grace: float) -> float:
+    """How often to read PodResources: a few times per grace period, at most every 5 s."""
+    return min(max(grace / 3, 0.1), 5.0)
+
+
 def api_config(listen: str) -> hypercorn.config.Config:
     config = hypercorn.config.Config()
     config.bind = [listen]
@@ -207,6 +214,14 @@ async def run_daemon(
         )
         await nursery.start(
             watch_gpu_health, controller, config, config.vfio.health_interval_seconds
+        )
+        grace = config.plugin.release_grace_seconds
+        await nursery.start(
+            watch_pod_resources,
+            controller,
+            GrpcPodResourcesClient(Path(config.plugin.pod_resources_socket)),
+            grace,
+            release_check_interval(grace),
         )
         plugin_dir = Path(config.plugin.directory)
         plugin_dir.mkdir(parents=True, exist_ok=True)

@@ -98,15 +98,15 @@ class DaemonProcess:
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"REST API not up after {timeout}s:\n{self.log_text()}")
+                    raise TimeoutError(
+                        f"REST API not up after {timeout}s:\n{self.log_text()}"
+                    ) from None
                 time.sleep(0.05)
 
     def check_alive(self) -> None:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise RuntimeError(
-                f"daemon exited with {self.process.returncode}:\n{self.log_text()}"
-            )
+            raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log_text()}")
 
     def terminate(self, timeout: float = 10.0) -> tuple[int, float]:
         """SIGTERM; return (exit status, seconds it took to exit)."""

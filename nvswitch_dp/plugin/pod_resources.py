@@ -1,0 +1,113 @@
+"""The kubelet's PodResources API: which devices pods still hold, and the release watcher.
+
+``watch_pod_resources`` reads ``List`` every period and hands partitions that no pod has
+held for the grace period to the controller for release (deactivation in FM). It is the
+only way to learn that a pod ended: the device-plugin API has no Deallocate.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import trio
+from grpclib.client import Channel
+
+from nvswitch_dp.controller import PartitionController
+from nvswitch_dp.partitions.release import ReleaseTracker
+from nvswitch_dp.partitions.table import partition_id_of
+from nvswitch_dp.plugin.grpc_trio import call_aio
+from nvswitch_dp.ports import PodDevices
+from nvswitch_dp.proto import v1 as podresources
+
+log = logging.getLogger(__name__)
+
+LIST_TIMEOUT_S = 5.0
+
+
+class GrpcPodResourcesClient:
+    """``PodResourcesClient`` over the kubelet's socket (grpclib, one channel per call).
+
+    Errors: ``OSError``, ``grpclib.GRPCError`` or ``TimeoutError`` when the kubelet
+    cannot answer.
+    """
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    async def list_assigned(self) -> list[PodDevices]:
+        async def list_aio() -> podresources.ListPodResourcesResponse:
+            channel = Channel(path=str(self.socket_path))
+            try:
+                return await podresources.PodResourcesListerStub(channel).list(
+                    podresources.ListPodResourcesRequest(), timeout=LIST_TIMEOUT_S
+                )
+            finally:
+                channel.close()
+
+        response = await call_aio(list_aio)
+        return [
+            PodDevices(
+                pod.namespace, pod.name, container.name, dev.resource_name, tuple(dev.device_ids)
+            )
+            for pod in response.pod_resources
+            for container in pod.containers
+            for dev in container.devices
+        ]
+
+
+def assigned_partitions(controller: PartitionController, holdings: list[PodDevices]) -> set[int]:
+    """Partition IDs of our resources that some container holds."""
+    assigned: set[int] = set()
+    for holding in holdings:
+        if holding.resource_name not in controller.resources:
+            continue
+        for device in holding.device_ids:
+            try:
+                assigned.add(partition_id_of(device))
+            except ValueError:
+                log.warning(
+                    "PodResources lists unknown device %s of %s", device, holding.resource_name
+                )
+    return assigned
+
+
+async def watch_pod_resources(
+    controller: PartitionController,
+    client: GrpcPodResourcesClient,
+    grace: float,
+    interval: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Release partitions no pod has held for ``grace`` seconds; check every ``interval``.
+
+    Error handling: when PodResources cannot be read nothing is released and the grace
+    clocks start again once it can; FM errors on deactivation leave the partition
+    active and are retried on the next period.
+    """
+    tracker = ReleaseTracker(grace)
+    unreachable_logged = False
+    task_status.started()
+    while True:
+        try:
+            holdings = await client.list_assigned()
+        except Exception as exc:  # any failure to read: release nothing
+            if not unreachable_logged:
+                log.warning("PodResources unreadable (%s); releasing nothing", exc)
+                unreachable_logged = True
+            controller.pod_resources_reachable = False
+            tracker.reset()
+        else:
+            unreachable_logged = False
+            controller.pod_resources_reachable = True
+            due = tracker.observe(
+                trio.current_time(),
+                controller.book.in_use_ids,
+                assigned_partitions(controller, holdings),
+                controller.claimed_at,
+            )
+            for pid in due:
+                await controller.release(pid)
+            await controller.retry_pending_deactivations()
+        await trio.sleep(interval)
