@@ -16,26 +16,17 @@ starts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from nvswitch_dp.config import Config, ConfigError, load_config
+from nvswitch_dp.config import Config, ConfigError, load_config, with_overrides
 from nvswitch_dp.fabric.platforms import platform, platform_names
 from nvswitch_dp.logs import configure_logging
 
 log = logging.getLogger(__name__)
-
-
-def replace_key(config: Config, dotted: str, value: Any) -> Config:
-    """A copy of ``config`` with ``dotted`` (e.g. ``plugin.directory``) set to ``value``."""
-    head, _, rest = dotted.partition(".")
-    if not rest:
-        return dataclasses.replace(config, **{head: value})
-    return dataclasses.replace(config, **{head: replace_key(getattr(config, head), rest, value)})
 
 
 def simulated(config: Config, platform_name: str) -> Config:
@@ -54,9 +45,7 @@ def simulated(config: Config, platform_name: str) -> Config:
         "vfio.dev_root": str(node.dev_root),
         "module_map": dict(node.module_map),
     }
-    for key, value in changes.items():
-        config = replace_key(config, key, value)
-    return config
+    return with_overrides(config, changes, source=f"--simulate {platform_name}")
 
 
 def build_run_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
@@ -78,9 +67,7 @@ def build_run_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
         if args.plugin_dir is None and "HGX_H200_SOCKET_PATH" not in env and not args.config:
             state = args.state_dir or config.state_dir
             flags["plugin.directory"] = str(Path(state) / "device-plugins")
-    for key, value in flags.items():
-        if value is not None:
-            config = replace_key(config, key, value)
+    config = with_overrides(config, flags)
     if args.simulate:
         config = simulated(config, args.simulate)
     return config
@@ -109,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="nvswitch-dp", description=__doc__.split("\n\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    sub.add_parser(
+        "doctor", help="preflight checks of the node (IOMMU, vfio, GPUs, FM)", add_help=False
+    )
     demo = sub.add_parser("demo", help="the end-to-end walk-through on a simulated node")
     demo.add_argument("--platform", default="hgx-h200", choices=platform_names())
     demo.add_argument("--api-listen", default="127.0.0.1:9090", metavar="HOST:PORT")
@@ -116,6 +106,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        from nvswitch_dp.doctor import doctor_main
+
+        return doctor_main(argv[1:])
     args = parser().parse_args(argv)
     if args.command == "demo":
         from nvswitch_dp.demo import run_demo

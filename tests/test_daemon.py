@@ -35,6 +35,8 @@ class Node:
         return {d for d, h in self.kubelet.devices(resource).items() if h == "Healthy"}
 
     def fm_active(self) -> list[int]:
+        if not self.daemon.fm_state_file.exists():  # FM never changed state
+            return []
         active: list[int] = json.loads(self.daemon.fm_state_file.read_text())["active"]
         return active
 
