@@ -368,6 +368,23 @@ class PartitionController:
         finally:
             self.feed.publish()
 
+    def drain(self, module_id: int) -> None:
+        """Take a GPU out of the pool; partitions in use on it keep running until released.
+
+        Raises :class:`StateError` for a GPU in no partition.
+        """
+        self.book.drain(module_id)
+        log.info("GPU module %d drained", module_id)
+        self.feed.publish()
+
+    def undrain(self, module_id: int) -> None:
+        """Return a drained GPU to the pool."""
+        if module_id not in self.book.table.module_ids:
+            raise StateError(f"GPU {module_id} is in no partition")
+        self.book.undrain(module_id)
+        log.info("GPU module %d undrained", module_id)
+        self.feed.publish()
+
     # -- FM --------------------------------------------------------------------------
 
     async def _activate_claimed(self, partition_id: int) -> None:

@@ -41,6 +41,7 @@ from nvswitch_dp.plugin.lifecycle import serve_resource
 from nvswitch_dp.plugin.pod_resources import GrpcPodResourcesClient, watch_pod_resources
 from nvswitch_dp.ports import FabricManagerClient
 from nvswitch_dp.vfio.discovery import build_inventory, discover_gpus, vfio_problem
+from nvswitch_dp.vfio.inotify import DirectoryWatch
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +150,36 @@ async def watch_gpu_health(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Poll each GPU's VFIO state; a problem makes its partitions Unhealthy until it clears."""
+    """Keep each GPU's VFIO state in the book; a problem makes its partitions Unhealthy.
+
+    Event-driven for ``/dev/vfio`` (inotify: a group node removed or created is seen at
+    once), polled every ``interval`` for what sysfs gives no events for (driver
+    bindings, group membership). When inotify is unavailable it only polls.
+    """
     sysfs, dev = Path(config.vfio.sysfs_root), Path(config.vfio.dev_root)
-    task_status.started()
-    while True:
+
+    def check_all() -> None:
         for module, slot in controller.gpus.items():
             controller.set_gpu_fault(module, vfio_problem(sysfs, dev, slot.pci_address))
-        await trio.sleep(interval)
+
+    try:
+        watch: DirectoryWatch | None = DirectoryWatch.open(dev / "vfio")
+    except OSError as exc:
+        log.warning("no inotify on %s (%s); polling every %.1fs", dev / "vfio", exc, interval)
+        watch = None
+    try:
+        check_all()
+        task_status.started()
+        while True:
+            with trio.move_on_after(interval):
+                if watch is not None:
+                    await watch.wait()
+                else:
+                    await trio.sleep_forever()
+            check_all()
+    finally:
+        if watch is not None:
+            watch.close()
 
 
 def release_check_interval(grace: float) -> float:
@@ -167,6 +191,8 @@ def api_config(listen: str) -> hypercorn.config.Config:
     config = hypercorn.config.Config()
     config.bind = [listen]
     config.accesslog = None
+    # A Logger instance is used as is: its records go through our handlers, once.
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
     return config
 

@@ -56,7 +56,9 @@ def run_demo(platform: str = "hgx-h200", api_listen: str = "127.0.0.1:9090") -> 
     ]  # fmt: skip
     _say("$ " + " ".join(command[2:]).replace("nvswitch_dp", "nvswitch-dp", 1))
     started = time.monotonic()
-    daemon = subprocess.Popen(command)
+    # Its own session: Ctrl-C reaches only the demo, which then stops the daemon with
+    # SIGTERM as a kubelet's node agent would.
+    daemon = subprocess.Popen(command, start_new_session=True)
     try:
         return _walk_through(kubelet, daemon, started, api_listen)
     finally:
@@ -115,11 +117,11 @@ def _walk_through(
 
     inventory = _get_json(f"http://{api}/v1/partitions")["partitions"]
     _say(f"\n4. GET http://{api}/v1/partitions")
-    _say(f"   {'ID':>3} {'device':14} {'resource':24} {'GPUs':9} {'state':11} PCI addresses")
+    _say(f"   {'ID':>3} {'device':14} {'resource':24} {'GPUs':15} {'state':11} PCI addresses")
     for p in inventory:
         modules = ",".join(str(m) for m in p["modules"])
         _say(
-            f"   {p['id']:>3} {p['device_id']:14} {p['resource']:24} {modules:9} "
+            f"   {p['id']:>3} {p['device_id']:14} {p['resource']:24} {modules:15} "
             f"{p['state']:11} {' '.join(p['pci_addresses'])}"
         )
     ready = _get_json(f"http://{api}/readyz")
@@ -133,4 +135,3 @@ def _walk_through(
         return 0
     _say("the daemon stopped on its own")
     return 1
-
