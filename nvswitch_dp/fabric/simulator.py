@@ -12,7 +12,13 @@ Two layers, like the rest of the project:
 Rules followed (shared/reference/fabric-manager.md): activating an active partition, or
 one sharing a GPU with an active partition, is IN_USE; deactivating an inactive one is
 UNINITIALIZED; in restart mode list/activate/deactivate are NOT_CONFIGURED until
-set-activated arrives.
+set-activated arrives, and if it has not arrived :data:`RESTART_WINDOW_S` after the restart
+FM exits: everything is CONNECTION_NOT_VALID until FM is restarted again. Time comes from
+the simulator's ``clock`` (wall clock by default, injectable for tests): the restart time is
+kept in the state file, so the window runs across processes.
+
+Faults are injected with :func:`inject_fault` from a short text spec (the fake ``fmpm``'s
+``--inject`` and the demo use the same words).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,7 @@ from nvswitch_dp.fabric.types import (
     FmGpu,
     FmInUse,
     FmNotConfigured,
+    FmNotSupported,
     FmNvlinkError,
     FmPartition,
     FmReport,
@@ -41,6 +49,9 @@ from nvswitch_dp.fabric.types import (
 )
 
 STATE_VERSION = 1
+RESTART_WINDOW_S = 60.0  # FM exits if set-activated has not come this long after --restart
+
+Clock = Callable[[], float]
 
 
 @dataclass
@@ -62,13 +73,31 @@ class FabricSimulator:
     active: set[int] = field(default_factory=set)
     awaiting_set_activated: bool = False
     faults: Faults = field(default_factory=Faults)
+    # Wall-clock time of the last ``--restart`` (None: FM was started normally).
+    restarted_at: float | None = None
+    clock: Clock = field(default=time.time, compare=False, repr=False)
 
     def _rows(self) -> dict[int, tuple[tuple[int, ...], int]]:
         return {pid: (mods, links) for pid, mods, links in self.platform.rows}
 
+    @property
+    def gone(self) -> bool:
+        """FM exited because nobody sent set-activated within the restart window."""
+        return (
+            self.awaiting_set_activated
+            and self.restarted_at is not None
+            and self.clock() - self.restarted_at > RESTART_WINDOW_S
+        )
+
     def _check_reachable(self, operation: str) -> None:
         if self.faults.unreachable:
             raise FmConnectionNotValid(operation, "cannot connect to Fabric Manager")
+        if self.gone:
+            raise FmConnectionNotValid(
+                operation,
+                f"Fabric Manager exited: no set-activated within {RESTART_WINDOW_S:.0f}s "
+                "of its restart",
+            )
 
     def _check_configured(self, operation: str) -> None:
         if self.awaiting_set_activated:
@@ -131,8 +160,31 @@ class FabricSimulator:
         self.awaiting_set_activated = False
 
     def restart(self) -> None:
-        """FM restarted with ``--restart``: state kept, operations refused until set."""
+        """FM restarted with ``--restart``: state kept, operations refused until set.
+
+        Also brings back an FM that exited after a missed restart window; the window
+        starts again now.
+        """
         self.awaiting_set_activated = True
+        self.restarted_at = self.clock()
+
+    def unsupported_partitions(self) -> list[tuple[int, tuple[int, ...]]]:
+        """``fmGetUnsupportedFabricPartitions``: always empty on H100/H200-generation boards."""
+        op = "list unsupported partitions"
+        self._check_reachable(op)
+        self._check_configured(op)
+        return []
+
+    def nvlink_failed_devices(self) -> list[str]:
+        """``fmGetNvlinkFailedDevices``: always empty on HGX H100 (NVLinks train in hardware).
+
+        The header says the call is not supported when FM runs in ``--restart`` mode.
+        """
+        op = "get NVLink failed devices"
+        self._check_reachable(op)
+        if self.restarted_at is not None:
+            raise FmNotSupported(op, "not supported in restart mode")
+        return []
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -140,6 +192,7 @@ class FabricSimulator:
             "platform": self.platform.name,
             "active": sorted(self.active),
             "awaiting_set_activated": self.awaiting_set_activated,
+            "restarted_at": self.restarted_at,
             "faults": {
                 "unreachable": self.faults.unreachable,
                 "activation_delay_s": self.faults.activation_delay_s,
@@ -150,7 +203,7 @@ class FabricSimulator:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FabricSimulator:
+    def from_json(cls, data: dict[str, Any], clock: Clock = time.time) -> FabricSimulator:
         if data.get("version") != STATE_VERSION:
             raise ValueError(
                 f"simulator state version {data.get('version')!r} is not {STATE_VERSION}"
@@ -160,6 +213,10 @@ class FabricSimulator:
             platform=platform(data["platform"]),
             active=set(data.get("active", [])),
             awaiting_set_activated=bool(data.get("awaiting_set_activated", False)),
+            restarted_at=(
+                None if data.get("restarted_at") is None else float(data["restarted_at"])
+            ),
+            clock=clock,
             faults=Faults(
                 unreachable=bool(f.get("unreachable", False)),
                 activation_delay_s=float(f.get("activation_delay_s", 0.0)),
@@ -170,6 +227,57 @@ class FabricSimulator:
         )
 
 
+FAULT_SPECS = (
+    "unreachable",
+    "reachable",
+    "restart",
+    "slow-activation=SECONDS",
+    "nvlink-error=PARTITION",
+    "degrade=MODULE:LINKS",
+    "gone=MODULE",
+    "clear",
+)
+
+
+def inject_fault(sim: FabricSimulator, spec: str) -> None:
+    """Apply one fault given as text (one of :data:`FAULT_SPECS`) to ``sim``. Pure.
+
+    ``restart`` is FM restarted with ``--restart`` (see :meth:`FabricSimulator.restart`);
+    ``clear`` removes every injected fault but keeps the partition state and restart mode.
+    Errors: ``ValueError`` naming the accepted forms when ``spec`` is not one of them.
+    """
+    name, _, arg = spec.strip().partition("=")
+    try:
+        if name == "unreachable" and not arg:
+            sim.faults.unreachable = True
+        elif name == "reachable" and not arg:
+            sim.faults.unreachable = False
+        elif name == "restart" and not arg:
+            sim.restart()
+        elif name == "clear" and not arg:
+            sim.faults = Faults()
+        elif name == "slow-activation":
+            seconds = float(arg)
+            if not seconds >= 0:
+                raise ValueError("seconds must be >= 0")
+            sim.faults.activation_delay_s = seconds
+        elif name == "nvlink-error":
+            sim.faults.nvlink_error_partitions.add(int(arg))
+        elif name == "degrade":
+            module, sep, links = arg.partition(":")
+            if not sep:
+                raise ValueError("expected MODULE:LINKS")
+            sim.faults.degraded_links[int(module)] = int(links)
+        elif name == "gone":
+            sim.faults.gone_modules.add(int(arg))
+        else:
+            raise ValueError("unknown fault")
+    except ValueError as exc:
+        raise ValueError(
+            f"bad fault {spec!r} ({exc}); expected one of: {', '.join(FAULT_SPECS)}"
+        ) from None
+
+
 class SimulatorStore:
     """The simulator's state file: FM's state outlives the plugin, as the real one does.
 
@@ -177,16 +285,17 @@ class SimulatorStore:
     ``fmpm`` process can share one file.
     """
 
-    def __init__(self, path: Path, platform_name: str) -> None:
+    def __init__(self, path: Path, platform_name: str, clock: Clock = time.time) -> None:
         self.path = path
         self.platform_name = platform_name
+        self.clock = clock
 
     def load(self) -> FabricSimulator:
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return FabricSimulator(platform(self.platform_name))
-        sim = FabricSimulator.from_json(data)
+            return FabricSimulator(platform(self.platform_name), clock=self.clock)
+        sim = FabricSimulator.from_json(data, clock=self.clock)
         if sim.platform.name != self.platform_name:
             raise ValueError(
                 f"{self.path} holds a {sim.platform.name} fabric, not {self.platform_name}; "
