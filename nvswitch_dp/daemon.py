@@ -101,16 +101,24 @@ def discover_node(config: Config, report: FmReport) -> Node:
     """Join FM's module IDs with the PCI functions found in sysfs (synchronous I/O)."""
     sysfs, dev = Path(config.vfio.sysfs_root), Path(config.vfio.dev_root)
     found = discover_gpus(sysfs, dev, config.vfio.gpu_device_ids)
-    inventory = build_inventory(config.module_map, found)
+    # Lenient: a GPU that fell off the bus must not take its healthy neighbours down;
+    # its partitions turn Unhealthy instead.
+    inventory = build_inventory(config.module_map, found, strict=False)
+    for warning in inventory.warnings:
+        log.warning("%s", warning)
     gpus: dict[int, GpuSlot] = {}
     unmapped: dict[int, str] = {}
     modules = sorted({g.physical_id for p in report.partitions for g in p.gpus})
     for module in modules:
         gpu = inventory.gpus.get(module)
-        if gpu is None or gpu.iommu_group is None:
-            unmapped[module] = "no PCI address in module_map, or no such GPU in sysfs"
-            continue
-        gpus[module] = GpuSlot(module, gpu.address, gpu.iommu_group, gpu.numa_node)
+        if module in inventory.missing:
+            unmapped[module] = inventory.missing[module]
+        elif gpu is None:
+            unmapped[module] = f"module {module} has no PCI address in module_map"
+        elif gpu.iommu_group is None:
+            unmapped[module] = f"GPU {gpu.address} has no IOMMU group (is the IOMMU on?)"
+        else:
+            gpus[module] = GpuSlot(module, gpu.address, gpu.iommu_group, gpu.numa_node)
     return Node(report, gpus, unmapped)
 
 

@@ -152,9 +152,7 @@ def test_sigterm_ends_streams_removes_sockets_and_exits_0_within_3s(node: Node) 
     assert code == 0, node.daemon.log_text()
     assert seconds < 3.0
     assert list(node.daemon.plugin_dir.glob("nvswitch-dp-*.sock")) == []
-    node.kubelet.wait_until(
-        lambda: all(node.kubelet.stream_ended(r) for r in RESOURCES), timeout=2
-    )
+    node.kubelet.wait_until(lambda: all(node.kubelet.stream_ended(r) for r in RESOURCES), timeout=2)
 
 
 def test_a_16_gpu_platform_serves_16x_and_nothing_else_does(tmp_path: Path) -> None:

@@ -100,13 +100,28 @@ async def wait_for_kubelet(plugin_dir: Path) -> tuple[int, int]:
 
 
 async def wait_for_restart(socket_path: Path, kubelet: Path, kubelet_id: tuple[int, int]) -> str:
-    """Return why we must serve and register again: our socket or kubelet.sock changed."""
+    """Return why we must serve and register again: our socket went, or a new kubelet.sock.
+
+    A kubelet.sock that is merely absent is not a reason: a restarting kubelet deletes
+    the directory's sockets before it creates its own, and serving again before that
+    sweep would only have the new socket swept away.
+    """
     while True:
         await trio.sleep(POLL_S)
         if not os.path.exists(socket_path):
             return "our socket was removed"
-        if _identity(kubelet) != kubelet_id:
-            return "kubelet.sock was replaced"
+        ident = _identity(kubelet)
+        if ident is not None and ident != kubelet_id:
+            return "a new kubelet.sock appeared"
+
+
+async def _cancel_on_restart(
+    scope: trio.CancelScope, reasons: list[str], socket_path: Path, kubelet_id: tuple[int, int]
+) -> None:
+    reasons.append(
+        await wait_for_restart(socket_path, socket_path.parent / KUBELET_SOCKET, kubelet_id)
+    )
+    scope.cancel()
 
 
 async def serve_resource(
@@ -120,8 +135,9 @@ async def serve_resource(
 
     Resource handling: owns the socket ``plugin_dir/socket_name(resource)``; it is
     served before ``task_status.started()`` and removed on exit. Error handling:
-    registration failures are retried with backoff forever (the kubelet may take its
-    time); an ``OSError`` binding the socket propagates and stops the daemon.
+    registration failures are retried with backoff for as long as the kubelet and our
+    socket stay the same; a change of either abandons the attempt and starts over. An
+    ``OSError`` binding the socket propagates and stops the daemon.
     """
     endpoint = socket_name(resource)
     socket_path = plugin_dir / endpoint
@@ -133,13 +149,15 @@ async def serve_resource(
                 task_status.started()
                 started = True
             kubelet_id = await wait_for_kubelet(plugin_dir)
-            await register_with_backoff(plugin_dir, resource, endpoint)
-            controller.set_registered(resource, True)
-            log.info("registered %s with the kubelet (endpoint %s)", resource, endpoint)
+            reasons: list[str] = []
             try:
-                reason = await wait_for_restart(
-                    socket_path, plugin_dir / KUBELET_SOCKET, kubelet_id
-                )
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        _cancel_on_restart, nursery.cancel_scope, reasons, socket_path, kubelet_id
+                    )
+                    await register_with_backoff(plugin_dir, resource, endpoint)
+                    controller.set_registered(resource, True)
+                    log.info("registered %s with the kubelet (endpoint %s)", resource, endpoint)
             finally:
                 controller.set_registered(resource, False)
-            log.info("%s: %s; serving and registering again", resource, reason)
+            log.info("%s: %s; serving and registering again", resource, reasons[0])

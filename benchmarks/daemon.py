@@ -1,0 +1,192 @@
+"""Daemon benchmarks: Allocate latency beside a bare grpclib server, ListAndWatch
+propagation, resident memory, start-to-registered time. Prints a Markdown table.
+
+    python benchmarks/daemon.py [--calls 2000] [--starts 5]
+
+Every number comes from real processes over real Unix sockets: the daemon runs
+``nvswitch-dp run --simulate hgx-h200`` (simulator with no activation delay), the
+kubelet is the grpcio stand-in, and the baseline is ``benchmarks/bare_server.py``, a
+plain-asyncio grpclib server answering Allocate with a response of the same shape.
+Calls alternate between the two servers so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nvswitch_dp.testing.harness import DaemonProcess
+from nvswitch_dp.testing.kubelet import KubeletStandIn, load_api, unix_address
+
+R = "nvidia.com/gpu-h200"
+RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
+TARGETS = {
+    "allocate_ratio": 1.5,
+    "propagation_ms": 100.0,
+    "rss_mb": 80.0,
+    "registered_s": 2.0,
+}
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def allocate_stub(socket_path: Path) -> tuple[Any, grpc.Channel]:
+    api = load_api()
+    channel = grpc.insecure_channel(unix_address(socket_path))
+    grpc.channel_ready_future(channel).result(timeout=10)
+    return api.deviceplugin_grpc.DevicePluginStub(channel), channel
+
+
+def allocate_request(device: str) -> Any:
+    pb = load_api().deviceplugin
+    return pb.AllocateRequest(
+        container_requests=[pb.ContainerAllocateRequest(devices_ids=[device])]
+    )
+
+
+def start_node(workdir: Path) -> tuple[KubeletStandIn, DaemonProcess, float]:
+    """A stand-in and a daemon; returns the seconds from spawn to all registered."""
+    plugin_dir = workdir / "device-plugins"
+    plugin_dir.mkdir(parents=True)
+    kubelet = KubeletStandIn(plugin_dir).start()
+    daemon = DaemonProcess(workdir, plugin_dir).start()
+    kubelet.wait_registered(RESOURCES, timeout=30)
+    registered = max(p.registered_at for p in kubelet.registered().values())
+    return kubelet, daemon, registered - daemon.started_at
+
+
+def propagation_ms(kubelet: KubeletStandIn) -> float:
+    """Allocate partition-1 (4x) and time until the 8x and 2x streams report the change."""
+    begin = time.monotonic()
+    kubelet.allocate(f"{R}-4x", ["partition-1"])
+    kubelet.wait_until(
+        lambda: (
+            kubelet.devices(f"{R}-8x") == {"partition-0": "Unhealthy"}
+            and kubelet.devices(f"{R}-2x")["partition-4"] == "Unhealthy"
+        ),
+        timeout=5,
+    )
+    arrived = [
+        next(u.timestamp for u in kubelet.updates(f"{R}-8x") if u.timestamp >= begin),
+        next(
+            u.timestamp
+            for u in kubelet.updates(f"{R}-2x")
+            if u.timestamp >= begin and u.devices.get("partition-4") == "Unhealthy"
+        ),
+    ]
+    return 1000 * (max(arrived) - begin)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--starts", type=int, default=5)
+    args = parser.parse_args()
+    rows: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="nvswitch-dp-bench-") as tmp:
+        root = Path(tmp)
+        starts: list[float] = []
+        propagations: list[float] = []
+        for i in range(args.starts):
+            kubelet, daemon, seconds = start_node(root / f"start-{i}")
+            starts.append(seconds)
+            propagations.append(propagation_ms(kubelet))
+            if i < args.starts - 1:
+                daemon.terminate()
+                kubelet.stop()
+
+        # Allocate: the daemon (partition-1 already active: the claim path, no FM call)
+        # against the bare server, interleaved.
+        bare_socket = root / "bare.sock"
+        bare = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).parent / "bare_server.py"),
+                "--socket",
+                str(bare_socket),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert bare.stdout is not None and bare.stdout.readline().strip() == "serving"
+        ours_stub, ours_channel = allocate_stub(daemon.plugin_dir / "nvswitch-dp-gpu-h200-4x.sock")
+        bare_stub, bare_channel = allocate_stub(bare_socket)
+        request = allocate_request("partition-1")
+        for stub in (ours_stub, bare_stub):  # warm up both
+            for _ in range(50):
+                stub.Allocate(request, timeout=5)
+        ours: list[float] = []
+        baseline: list[float] = []
+        for _ in range(args.calls):
+            for stub, samples in ((ours_stub, ours), (bare_stub, baseline)):
+                begin = time.perf_counter()
+                stub.Allocate(request, timeout=5)
+                samples.append(1000 * (time.perf_counter() - begin))
+        rss = rss_mb(daemon.process.pid)  # type: ignore[union-attr]
+        ours_channel.close()
+        bare_channel.close()
+        bare.terminate()
+        bare.wait(timeout=10)
+        code, stop_seconds = daemon.terminate()
+        kubelet.stop()
+
+    p99_ratio = percentile(ours, 99) / percentile(baseline, 99)
+    rows += [
+        ("Allocate p50, daemon (ms)", f"{percentile(ours, 50):.2f}", "", f"{args.calls} calls"),
+        ("Allocate p99, daemon (ms)", f"{percentile(ours, 99):.2f}", "", ""),
+        ("Allocate p50, bare grpclib (ms)", f"{percentile(baseline, 50):.2f}", "", ""),
+        ("Allocate p99, bare grpclib (ms)", f"{percentile(baseline, 99):.2f}", "", ""),
+        ("Allocate p99 ratio daemon/bare", f"{p99_ratio:.2f}", "<= 1.5", _ok(p99_ratio <= 1.5)),
+        (
+            "ListAndWatch propagation, median / max (ms)",
+            f"{statistics.median(propagations):.1f} / {max(propagations):.1f}",
+            "<= 100",
+            _ok(max(propagations) <= 100),
+        ),
+        ("Daemon RSS after the Allocate run (MB)", f"{rss:.1f}", "<= 80", _ok(rss <= 80)),
+        (
+            "Start to all registered, median / max (s)",
+            f"{statistics.median(starts):.2f} / {max(starts):.2f}",
+            "<= 2",
+            _ok(max(starts) <= 2),
+        ),
+        (
+            "SIGTERM to exit (s), exit status",
+            f"{stop_seconds:.2f}, {code}",
+            "<= 3, 0",
+            _ok(stop_seconds <= 3 and code == 0),
+        ),
+    ]
+    print("| measure | value | target | |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+def _ok(passed: bool) -> str:
+    return "met" if passed else "MISSED"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
