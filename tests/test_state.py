@@ -486,13 +486,6 @@ def test_observe_active_without_news_changes_nothing() -> None:
     assert snapshot(book) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="state.py bug: fault(), drained() and occupied() index the table directly and "
-    "raise KeyError for an unknown ID instead of UnknownPartition (fix: wrap the ID in "
-    "self._known(...) in each)",
-)
 @pytest.mark.parametrize("question", ["fault", "drained", "occupied"])
 def test_every_question_about_an_unknown_partition_raises_unknown_partition(
     question: str,

@@ -11,8 +11,8 @@ Rules of the state machine (everything that decides it lives in this module):
    :class:`PartitionBlocked` before changing anything.
 3. A partition a pod holds (*in use*) is never deactivated without ``force``.
 4. A partition is *available* when it is free to hand out: not in use, phase INACTIVE or
-   ACTIVE (pre-warmed), no occupied partition overlaps it, and none of its GPUs is faulty
-   or drained.
+   ACTIVE (pre-warmed), no occupied partition overlaps it, none of its GPUs is faulty
+   or drained, and FM as a whole can activate partitions (no fabric fault).
 5. What the kubelet sees: a partition in use is Healthy unless its own hardware is faulty
    (never Unhealthy merely because it overlaps another); any other partition is Healthy
    exactly when it is available.
@@ -134,6 +134,7 @@ class PartitionBook:
         self._module_faults: dict[int, str] = {}
         self._drained: set[int] = set()
         self._partition_faults: dict[int, str] = {}
+        self._fabric_fault: str | None = None
 
     # -- questions -------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class PartitionBook:
         return dict(self._module_faults)
 
     def occupied(self, partition_id: int) -> bool:
-        return self._phase[partition_id] is not Phase.INACTIVE or partition_id in self._in_use
+        return self._phase[self._known(partition_id)] is not Phase.INACTIVE or partition_id in self._in_use
 
     def blocker(self, partition_id: int) -> int | None:
         """An occupied partition sharing a GPU with ``partition_id``, lowest ID first."""
@@ -175,13 +176,13 @@ class PartitionBook:
         reasons = []
         if partition_id in self._partition_faults:
             reasons.append(self._partition_faults[partition_id])
-        for module in sorted(self.table[partition_id].module_ids):
+        for module in sorted(self.table[self._known(partition_id)].module_ids):
             if module in self._module_faults:
                 reasons.append(f"GPU {module}: {self._module_faults[module]}")
         return "; ".join(reasons) or None
 
     def drained(self, partition_id: int) -> bool:
-        return not self._drained.isdisjoint(self.table[partition_id].module_ids)
+        return not self._drained.isdisjoint(self.table[self._known(partition_id)].module_ids)
 
     def available(self, partition_id: int) -> bool:
         """Free to hand out now (rule 4)."""
@@ -191,6 +192,7 @@ class PartitionBook:
             and self.blocker(partition_id) is None
             and self.fault(partition_id) is None
             and not self.drained(partition_id)
+            and self._fabric_fault is None
         )
 
     def available_ids(self) -> frozenset[int]:
@@ -212,7 +214,11 @@ class PartitionBook:
             return State.ACTIVATING
         if phase is Phase.DEACTIVATING:
             return State.DEACTIVATING
-        if self.fault(partition_id) is not None or self.drained(partition_id):
+        if (
+            self.fault(partition_id) is not None
+            or self.drained(partition_id)
+            or self._fabric_fault is not None
+        ):
             return State.UNHEALTHY
         if phase is Phase.ACTIVE:
             return State.READY if self.blocker(partition_id) is None else State.ACTIVE
@@ -226,7 +232,8 @@ class PartitionBook:
             state=self.state(partition_id),
             healthy=self.healthy(partition_id),
             blocker=self.blocker(partition_id),
-            fault=self.fault(partition_id),
+            fault=self.fault(partition_id)
+            or (None if partition_id in self._in_use else self._fabric_fault),
         )
 
     def views(self) -> list[PartitionView]:
@@ -387,6 +394,22 @@ class PartitionBook:
             del self._partition_faults[partition_id]
         else:
             self._partition_faults[partition_id] = reason
+        self._changed()
+        return True
+
+    @property
+    def fabric_fault(self) -> str | None:
+        return self._fabric_fault
+
+    def set_fabric_fault(self, reason: str | None) -> bool:
+        """FM as a whole cannot activate anything (unreachable, restarting), or can again.
+
+        Unlike a hardware fault this leaves partitions in use Healthy: their GPUs and
+        NVLinks keep working without FM; only handing out new partitions stops.
+        """
+        if self._fabric_fault == reason:
+            return False
+        self._fabric_fault = reason
         self._changed()
         return True
 
