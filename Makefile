@@ -6,15 +6,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-stamp
 IMAGE  ?= nvswitch-dp:dev
-# Debian packages the tests drive: promtool and the Prometheus server (metrics tests).
-DEBIAN_PACKAGES := prometheus
+# Debian packages the tests drive: promtool and the Prometheus server (metrics tests);
+# wrk loads the REST API in benchmarks/rest.py.
+DEBIAN_PACKAGES := prometheus wrk
 
 .PHONY: deps fmt lint test test-cover build image-build demo proto proto-check bench clean
 
 deps: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@if ! command -v promtool >/dev/null 2>&1; then \
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then \
 		echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; \
 	fi

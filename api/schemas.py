@@ -1,0 +1,128 @@
+"""The JSON the REST API answers with, built from the controller's state.
+
+Each builder matches a schema of ``openapi.yaml`` (``Partition``, ``Gpu``, ``Node``);
+schemathesis checks every answer of the running daemon against them. The builders only
+read the controller; the one I/O is :func:`gpu_driver`, a ``readlink`` in sysfs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nvswitch_dp.controller import PartitionController
+from nvswitch_dp.partitions.state import PartitionView, State
+from nvswitch_dp.vfio.discovery import read_function
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """What the app knows of the node beyond the controller (fixed at start).
+
+    ``sysfs_root`` is where GPU drivers are read (None: not read, ``driver`` is null);
+    ``simulated`` the simulator's platform name, None on real hardware.
+    """
+
+    sysfs_root: Path | None = None
+    gpu_model: str | None = None
+    simulated: str | None = None
+
+
+def partition_json(controller: PartitionController, view: PartitionView) -> dict[str, Any]:
+    partition = view.partition
+    return {
+        "id": partition.partition_id,
+        "device_id": partition.device_id,
+        "resource": controller.resource_of(partition),
+        "size": partition.size,
+        "modules": list(partition.sorted_modules),
+        "pci_addresses": [
+            controller.gpus[m].pci_address for m in partition.sorted_modules if m in controller.gpus
+        ],
+        "state": view.state.value,
+        "phase": view.phase.value,
+        "in_use": view.in_use,
+        "healthy": view.healthy,
+        "blocked_by": view.blocker,
+        "fault": view.fault,
+    }
+
+
+def gpu_driver(sysfs_root: Path | None, pci_address: str | None) -> str | None:
+    """The kernel driver bound to the GPU now (``vfio-pci``), None when unbound or unknown."""
+    if sysfs_root is None or pci_address is None:
+        return None
+    function = read_function(sysfs_root, pci_address)
+    return function.driver if function is not None else None
+
+
+def gpu_json(controller: PartitionController, facts: NodeFacts, module: int) -> dict[str, Any]:
+    """One GPU by module ID; ``KeyError`` for a module in no partition."""
+    if module not in controller.book.table.module_ids:
+        raise KeyError(module)
+    slot = controller.gpus.get(module)
+    address = slot.pci_address if slot is not None else None
+    fault = controller.book.module_faults.get(module)
+    return {
+        "module": module,
+        "pci_address": address,
+        "iommu_group": slot.iommu_group if slot is not None else None,
+        "numa_node": slot.numa_node if slot is not None else None,
+        "driver": gpu_driver(facts.sysfs_root, address),
+        "healthy": fault is None,
+        "fault": fault,
+        "drained": module in controller.book.drained_modules,
+        "partitions": sorted(p.partition_id for p in controller.book.table.containing(module)),
+    }
+
+
+def gpus_json(controller: PartitionController, facts: NodeFacts) -> list[dict[str, Any]]:
+    return [gpu_json(controller, facts, m) for m in sorted(controller.book.table.module_ids)]
+
+
+def readiness_problems(controller: PartitionController) -> list[str]:
+    """Why the daemon is not ready (empty when it is)."""
+    problems = [
+        f"{resource} is not registered with the kubelet"
+        for resource, registered in sorted(controller.registered.items())
+        if not registered
+    ]
+    if not controller.fabric_reachable:
+        problems.append(f"Fabric Manager is unreachable: {controller.fabric_problem}")
+    return problems
+
+
+def node_json(controller: PartitionController, facts: NodeFacts) -> dict[str, Any]:
+    table = controller.book.table
+    views = controller.book.views()
+    by_state = dict.fromkeys((s.value for s in State), 0)
+    for view in views:
+        by_state[view.state.value] += 1
+    problems = readiness_problems(controller)
+    return {
+        "platform": {
+            "gpu_model": facts.gpu_model,
+            "gpu_count": len(table.module_ids),
+            "partition_sizes": list(table.sizes),
+            "simulated": facts.simulated,
+        },
+        "fabric_manager": {
+            "backend": controller.fabric.name,
+            "reachable": controller.fabric_reachable,
+            "problem": controller.fabric_problem,
+        },
+        "resources": [
+            {
+                "resource": resource,
+                "size": size,
+                "registered": controller.registered.get(resource, False),
+                "partitions": len(table.of_size(size)),
+            }
+            for resource, size in sorted(controller.resources.items(), key=lambda r: r[1])
+        ],
+        "pod_resources": {"reachable": controller.pod_resources_reachable},
+        "partitions": {"total": len(views), "by_state": by_state},
+        "ready": not problems,
+        "problems": problems,
+    }
