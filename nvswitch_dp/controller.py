@@ -17,11 +17,17 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
-from nvswitch_dp.fabric.types import FabricManagerError, FmInUse, FmReturn
+from nvswitch_dp.fabric.types import (
+    FabricManagerError,
+    FmInUse,
+    FmNotConfigured,
+    FmReport,
+    FmReturn,
+)
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.state import (
     Claim,
@@ -36,6 +42,10 @@ from nvswitch_dp.ports import FabricManagerClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# How long a partition FM failed to activate (NVLINK_ERROR, GENERIC_ERROR) stays out of
+# the pool before the scheduler may try it again.
+ACTIVATION_FAULT_HOLD_S = 60.0
 
 ANNOTATION_PREFIX = "nvswitch-dp.io"
 
@@ -149,6 +159,8 @@ class PartitionController:
         self.fabric_reachable = True
         self.fabric_problem: str | None = None
         self._activations: dict[int, trio.Event] = {}
+        self._activation_faults: dict[int, tuple[str, float]] = {}  # reason, hold until
+        self.wake_supervisor = trio.Event()
         self.resources: dict[str, int] = {
             self.resource_name(size): size for size in book.table.sizes
         }
@@ -157,6 +169,7 @@ class PartitionController:
         self.pod_resources_reachable: bool | None = None  # None: not consulted yet
         self.registered: dict[str, bool] = dict.fromkeys(self.resources, False)
         metrics.observe_partitions(self.views_with_resource)
+        metrics.fabric_manager_up.set(1)  # constructed from a report FM just gave
         for resource in self.resources:
             metrics.resource_registered.labels(resource=resource).set(0)
 
@@ -398,6 +411,15 @@ class PartitionController:
                 report = await self._call_fabric("list", self.fabric.list_partitions)
                 if partition_id not in report.active_ids:
                     raise
+            except FabricManagerError as exc:
+                if exc.code in (FmReturn.NVLINK_ERROR, FmReturn.GENERIC_ERROR):
+                    # FM cannot serve this partition now; keep it out of the pool for a
+                    # while rather than let the scheduler hit it again at once.
+                    reason = f"activation failed with {exc.code_name}"
+                    until = trio.current_time() + ACTIVATION_FAULT_HOLD_S
+                    self._activation_faults[partition_id] = (reason, until)
+                    self.book.set_partition_fault(partition_id, reason)
+                raise
             succeeded = True
         finally:
             if succeeded:
@@ -423,7 +445,7 @@ class PartitionController:
                 self.book.release(pid)
 
     async def _call_fabric(
-        self, operation: str, call: Callable[..., Awaitable[T]], *args: int
+        self, operation: str, call: Callable[..., Awaitable[T]], *args: Any
     ) -> T:
         try:
             result = await call(*args)
@@ -436,13 +458,23 @@ class PartitionController:
         return result
 
     def _note_reachability(self, exc: FabricManagerError | None) -> None:
-        unreachable = exc is not None and exc.code in (
-            FmReturn.CONNECTION_NOT_VALID,
-            FmReturn.TIMEOUT,
-        )
-        self.fabric_reachable = not unreachable
-        self.fabric_problem = str(exc) if unreachable else None
-        self.metrics.fabric_manager_up.set(0 if unreachable else 1)
+        """Track whether FM answers at all; FM trouble keeps new partitions out of the pool."""
+        code = exc.code if exc is not None else FmReturn.SUCCESS
+        if code in (FmReturn.CONNECTION_NOT_VALID, FmReturn.TIMEOUT):
+            fault: str | None = f"Fabric Manager unreachable: {exc}"
+        elif code == FmReturn.NOT_CONFIGURED:
+            fault = "Fabric Manager is starting or restarting (waiting for set-activated)"
+        elif exc is not None:
+            return  # FM answered: a refusal says nothing about reachability
+        else:
+            fault = None
+        self.fabric_reachable = code not in (FmReturn.CONNECTION_NOT_VALID, FmReturn.TIMEOUT)
+        self.fabric_problem = fault
+        self.metrics.fabric_manager_up.set(1 if self.fabric_reachable else 0)
+        if self.book.set_fabric_fault(fault):
+            self.feed.publish()
+            if fault is not None:
+                self.wake_supervisor.set()  # trouble began: supervise now, not next period
 
     def set_gpu_fault(self, module_id: int, reason: str | None) -> None:
         """Record a GPU's hardware/VFIO problem (None when it is fine again)."""
@@ -453,19 +485,70 @@ class PartitionController:
                 log.warning("GPU module %d: %s", module_id, reason)
             self.feed.publish()
 
-    async def reconcile(self) -> None:
-        """Bring the book in line with FM's active set. FM errors are recorded, not raised."""
+    async def supervise_once(self) -> None:
+        """One supervision round: list, resume a restarted FM, reconcile, derive faults.
+
+        FM errors are counted, reflected in reachability and the fabric fault, and never
+        raised: the next round tries again.
+        """
         try:
             report = await self._call_fabric("list", self.fabric.list_partitions)
+        except FmNotConfigured:
+            if not await self.resume_fabric():
+                return
+            try:
+                report = await self._call_fabric("list", self.fabric.list_partitions)
+            except FabricManagerError as exc:
+                log.warning("listing partitions after set-activated failed: %s", exc)
+                return
         except FabricManagerError as exc:
-            log.warning("reconcile: %s", exc)
+            log.warning("supervision: %s", exc)
             return
+        self.apply_report(report)
+
+    async def resume_fabric(self) -> bool:
+        """Tell a restarted FM which partitions are still active: exactly those in use.
+
+        FM refuses everything until it hears this, and exits if it does not within 60 s.
+        Returns whether FM accepted it.
+        """
+        in_use = sorted(self.book.in_use_ids)
+        log.warning("Fabric Manager restarted; telling it partitions %s are still in use", in_use)
+        try:
+            await self._call_fabric("set_activated", self.fabric.set_activated, in_use)
+        except FabricManagerError as exc:
+            log.error("set-activated failed: %s", exc)
+            return False
+        return True
+
+    def apply_report(self, report: FmReport) -> None:
+        """Take FM's active set and per-GPU link state into the book."""
         corrected = self.book.observe_active(report.active_ids)
         if corrected:
             log.warning(
                 "Fabric Manager disagreed on partitions %s; took FM's word", sorted(corrected)
             )
-            self.feed.publish()
+        now = trio.current_time()
+        for pid, (_, until) in list(self._activation_faults.items()):
+            if now >= until:
+                del self._activation_faults[pid]
+        reported = {p.partition_id: p for p in report.partitions}
+        for partition in self.book.table:
+            problems = []
+            fm_partition = reported.get(partition.partition_id)
+            gpus = {g.physical_id: g for g in fm_partition.gpus} if fm_partition else {}
+            for module in partition.sorted_modules:
+                gpu = gpus.get(module)
+                if gpu is None:
+                    problems.append(f"GPU {module} is missing from Fabric Manager's report")
+                elif gpu.nvlinks_degraded:
+                    problems.append(
+                        f"GPU {module} has {gpu.nvlinks_available} of {gpu.max_nvlinks} NVLinks"
+                    )
+            if partition.partition_id in self._activation_faults:
+                problems.append(self._activation_faults[partition.partition_id][0])
+            self.book.set_partition_fault(partition.partition_id, "; ".join(problems) or None)
+        self.feed.publish()
 
     def view(self, partition_id: int) -> PartitionView:
         if partition_id not in self.book.table:

@@ -30,7 +30,7 @@ import trio
 import trio_asyncio
 
 from api.app import create_app
-from nvswitch_dp.config import Config
+from nvswitch_dp.config import ApiConfig, Config
 from nvswitch_dp.controller import GpuSlot, PartitionController
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
 from nvswitch_dp.fabric.types import FabricManagerError, FmReport
@@ -140,15 +140,19 @@ async def supervise_fabric(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Reconcile FM's active set with the book every ``interval`` seconds.
+    """Supervise Fabric Manager: reconcile every ``interval`` seconds, at once when an FM
+    call anywhere reports trouble, and every second while the trouble lasts.
 
-    Error handling: FM errors are counted and reflected in reachability (readiness),
-    never raised; the next period tries again.
+    Error handling: FM errors are counted and reflected in reachability (readiness and
+    the fabric fault), never raised.
     """
     task_status.started()
     while True:
-        await trio.sleep(interval)
-        await controller.reconcile()
+        delay = interval if controller.book.fabric_fault is None else min(interval, 1.0)
+        with trio.move_on_after(delay):
+            await controller.wake_supervisor.wait()
+        controller.wake_supervisor = trio.Event()
+        await controller.supervise_once()
 
 
 async def watch_gpu_health(
@@ -195,9 +199,16 @@ def release_check_interval(grace: float) -> float:
     return min(max(grace / 3, 0.1), 5.0)
 
 
-def api_config(listen: str) -> hypercorn.config.Config:
+def api_config(api: ApiConfig) -> hypercorn.config.Config:
+    """Hypercorn's configuration for the REST API: ``api.listen``, and TLS when
+    ``api.tls_cert_file``/``api.tls_key_file`` are set (the config parser ensures both or
+    neither). A missing or bad certificate fails the daemon's start (``OSError`` /
+    ``ssl.SSLError`` from Hypercorn), never a silent fallback to plain HTTP."""
     config = hypercorn.config.Config()
-    config.bind = [listen]
+    config.bind = [api.listen]
+    if api.tls_cert_file is not None and api.tls_key_file is not None:
+        config.certfile = api.tls_cert_file
+        config.keyfile = api.tls_key_file
     config.accesslog = None
     # A Logger instance is used as is: its records go through our handlers, once.
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -241,7 +252,7 @@ async def run_daemon(
         )
         await nursery.start(watch_signals, controller.feed.close)
         await nursery.start(
-            hypercorn.trio.serve, create_app(controller), api_config(config.api.listen)
+            hypercorn.trio.serve, create_app(controller, config), api_config(config.api)
         )
         await nursery.start(
             supervise_fabric, controller, config.fabric_manager.reconcile_interval_seconds

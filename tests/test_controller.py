@@ -177,7 +177,7 @@ async def test_reconcile_takes_fm_word_for_settled_partitions(tmp_path: Path) ->
     await controller.activate(6)
     await SimulatedFabricManager(store).deactivate(6)
     await SimulatedFabricManager(store).activate(2)
-    await controller.reconcile()
+    await controller.supervise_once()
     assert controller.book.phase(6) is Phase.INACTIVE
     assert controller.book.phase(2) is Phase.ACTIVE
     controller.book.check_invariants()
