@@ -162,7 +162,10 @@ class PartitionBook:
         return dict(self._module_faults)
 
     def occupied(self, partition_id: int) -> bool:
-        return self._phase[self._known(partition_id)] is not Phase.INACTIVE or partition_id in self._in_use
+        return (
+            self._phase[self._known(partition_id)] is not Phase.INACTIVE
+            or partition_id in self._in_use
+        )
 
     def blocker(self, partition_id: int) -> int | None:
         """An occupied partition sharing a GPU with ``partition_id``, lowest ID first."""

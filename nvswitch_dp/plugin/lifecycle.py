@@ -40,12 +40,14 @@ def socket_name(resource: str) -> str:
     return "nvswitch-dp-" + resource.rsplit("/", 1)[-1] + ".sock"
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` is: device, inode and change time (a freed inode is reused at
+    once on some file systems, so a new kubelet.sock may get the old number)."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return (st.st_dev, st.st_ino)
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 async def register(plugin_dir: Path, resource: str, endpoint: str) -> None:
@@ -87,7 +89,7 @@ async def register_with_backoff(plugin_dir: Path, resource: str, endpoint: str) 
             delay = min(delay * 2, BACKOFF_MAX_S)
 
 
-async def wait_for_kubelet(plugin_dir: Path) -> tuple[int, int]:
+async def wait_for_kubelet(plugin_dir: Path) -> tuple[int, int, int]:
     """Wait until ``kubelet.sock`` exists; return its identity."""
     path = plugin_dir / KUBELET_SOCKET
     announced = False
@@ -99,7 +101,9 @@ async def wait_for_kubelet(plugin_dir: Path) -> tuple[int, int]:
     return ident
 
 
-async def wait_for_restart(socket_path: Path, kubelet: Path, kubelet_id: tuple[int, int]) -> str:
+async def wait_for_restart(
+    socket_path: Path, kubelet: Path, kubelet_id: tuple[int, int, int]
+) -> str:
     """Return why we must serve and register again: our socket went, or a new kubelet.sock.
 
     A kubelet.sock that is merely absent is not a reason: a restarting kubelet deletes
@@ -116,7 +120,7 @@ async def wait_for_restart(socket_path: Path, kubelet: Path, kubelet_id: tuple[i
 
 
 async def _cancel_on_restart(
-    scope: trio.CancelScope, reasons: list[str], socket_path: Path, kubelet_id: tuple[int, int]
+    scope: trio.CancelScope, reasons: list[str], socket_path: Path, kubelet_id: tuple[int, int, int]
 ) -> None:
     reasons.append(
         await wait_for_restart(socket_path, socket_path.parent / KUBELET_SOCKET, kubelet_id)

@@ -779,7 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:8.3f}] {line}", flush=True)
 
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, frame: stopping.set())
     kubelet = KubeletStandIn(args.plugin_dir, on_event=show)
     pod_resources = (
         PodResourcesStandIn(args.pod_resources_socket, kubelet=kubelet)
@@ -791,10 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pod_resources.start()
             show(f"kubelet: serving PodResourcesLister on {pod_resources.socket_path}")
         try:
-            while not stopping.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
+            stopping.wait()
         finally:
             if pod_resources is not None:
                 pod_resources.stop()
