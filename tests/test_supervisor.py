@@ -1,0 +1,171 @@
+"""Fabric Manager supervision: restarts, reachability, degraded hardware, failed activations."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+import trio.testing
+from test_controller import R, make_controller
+
+from nvswitch_dp.controller import ACTIVATION_FAULT_HOLD_S, AllocationError, PartitionController
+from nvswitch_dp.fabric.simulator import SimulatorStore, inject_fault
+from nvswitch_dp.partitions.state import Phase, State
+from nvswitch_dp.testing.harness import DaemonProcess
+from nvswitch_dp.testing.kubelet import KubeletStandIn
+
+
+def inject(store: SimulatorStore, *specs: str) -> None:
+    sim = store.load()
+    for spec in specs:
+        inject_fault(sim, spec)
+    store.save(sim)
+
+
+def ops(controller: PartitionController, operation: str, result: str) -> float:
+    value = controller.metrics.registry.get_sample_value(
+        "hgx_h200_partition_operations_total", {"operation": operation, "result": result}
+    )
+    return value or 0.0
+
+
+async def allocate(controller: PartitionController, resource: str, device: str) -> None:
+    await controller.complete_allocation(controller.begin_allocation(resource, [device]))
+
+
+async def test_after_an_fm_restart_set_activated_names_exactly_the_partitions_in_use(
+    tmp_path: Path,
+) -> None:
+    controller, store = await make_controller(tmp_path)
+    await allocate(controller, f"{R}-4x", "partition-1")
+    await controller.activate(5)  # pre-warmed by an operator, held by no pod
+    inject(store, "restart")
+    await controller.supervise_once()
+    sim = store.load()
+    assert not sim.awaiting_set_activated
+    assert sim.active == {1}
+    assert ops(controller, "set_activated", "SUCCESS") == 1
+    assert controller.book.phase(5) is Phase.INACTIVE  # FM dropped it; so do we
+    assert controller.book.state(1) is State.ALLOCATED
+    assert controller.book.fabric_fault is None
+    controller.book.check_invariants()
+
+
+async def test_an_allocate_refused_by_a_restarting_fm_wakes_the_supervisor(
+    tmp_path: Path,
+) -> None:
+    controller, store = await make_controller(tmp_path)
+    inject(store, "restart")
+    with pytest.raises(AllocationError, match="NOT_CONFIGURED"):
+        await allocate(controller, f"{R}-1x", "partition-7")
+    assert controller.wake_supervisor.is_set()
+    assert controller.book.state(7) is State.UNHEALTHY  # out of the pool until resumed
+    await controller.supervise_once()
+    assert controller.book.state(7) is State.FREE
+    await allocate(controller, f"{R}-1x", "partition-7")
+
+
+async def test_an_unreachable_fm_empties_the_pool_but_keeps_partitions_in_use_healthy(
+    tmp_path: Path,
+) -> None:
+    controller, store = await make_controller(tmp_path)
+    await allocate(controller, f"{R}-2x", "partition-3")
+    inject(store, "unreachable")
+    await controller.supervise_once()
+    assert not controller.fabric_reachable
+    assert controller.metrics.registry.get_sample_value("hgx_h200_fabric_manager_up") == 0
+    assert controller.book.healthy(3)
+    assert not any(controller.book.healthy(pid) for pid in (2, 4, 5, 11))
+    assert ops(controller, "list", "CONNECTION_NOT_VALID") == 1
+    inject(store, "reachable")
+    await controller.supervise_once()
+    assert controller.fabric_reachable
+    assert controller.book.healthy(2) and controller.book.healthy(5)
+
+
+async def test_degraded_nvlinks_and_a_gone_gpu_make_their_partitions_unhealthy(
+    tmp_path: Path,
+) -> None:
+    controller, store = await make_controller(tmp_path)
+    await allocate(controller, f"{R}-2x", "partition-4")  # modules 2 and 4
+    inject(store, "degrade=4:12", "gone=7")
+    await controller.supervise_once()
+    view = controller.book.view(4)
+    assert view.state is State.UNHEALTHY and "GPU 4 has 12 of 18 NVLinks" in (view.fault or "")
+    assert "GPU 7 is missing" in (controller.book.fault(13) or "")
+    assert not controller.book.healthy(5)  # modules 5 and 7
+    assert controller.book.healthy(6)  # modules 6 and 8
+    inject(store, "clear")
+    await controller.supervise_once()
+    assert controller.book.healthy(4) and controller.book.healthy(5)
+
+
+async def test_a_partition_fm_failed_to_activate_waits_out_the_hold(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    controller, store = await make_controller(tmp_path)
+    inject(store, "nvlink-error=6")
+    with pytest.raises(AllocationError, match="NVLINK_ERROR"):
+        await allocate(controller, f"{R}-2x", "partition-6")
+    await controller.supervise_once()
+    assert "NVLINK_ERROR" in (controller.book.fault(6) or "")
+    assert controller.book.healthy(5)  # the other pair is unaffected
+    inject(store, "clear")
+    await trio.sleep(ACTIVATION_FAULT_HOLD_S - 1)
+    await controller.supervise_once()
+    assert not controller.book.healthy(6)
+    await trio.sleep(2)
+    await controller.supervise_once()
+    assert controller.book.healthy(6)
+
+
+# -- the fmpm backend, end to end --------------------------------------------------------
+
+
+def fake_fmpm() -> str:
+    path = shutil.which("nvswitch-dp-fmpm-sim", path=str(Path(sys.executable).parent))
+    assert path is not None, "nvswitch-dp-fmpm-sim is installed with the package"
+    return path
+
+
+def test_the_daemon_drives_fm_through_fmpm_and_resumes_it_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "fabricmanager.state"
+    config = tmp_path / "config.yaml"
+    config.write_text("version: v1\nfabric_manager:\n  reconcile_interval_seconds: 0.5\n")
+    plugin_dir = tmp_path / "device-plugins"
+    plugin_dir.mkdir()
+    env = {**os.environ, "NVSWITCH_DP_FMPM_SIM_STATE": str(state)}
+    args = ["--config", str(config), "--fm-backend", "fmpm", "--fmpm-path", fake_fmpm()]
+    args += ["--fm-endpoint", "127.0.0.1"]
+    with KubeletStandIn(plugin_dir) as kubelet:
+        daemon = DaemonProcess(tmp_path, plugin_dir, extra_args=args, env=env).start()
+        try:
+            kubelet.wait_registered([f"{R}-{n}x" for n in (1, 2, 4, 8)], timeout=60)
+            kubelet.allocate(f"{R}-4x", ["partition-2"])
+            assert json.loads(state.read_text())["active"] == [2]
+            with pytest.raises(grpc.RpcError) as raised:
+                kubelet.allocate(f"{R}-8x", ["partition-0"])
+            assert "partition 2" in (raised.value.details() or "")
+            subprocess.run(
+                [fake_fmpm(), "--state-file", str(state), "--inject", "restart"], check=True
+            )
+
+            def resumed() -> bool:
+                data = json.loads(state.read_text())
+                return not data["awaiting_set_activated"] and data["active"] == [2]
+
+            kubelet.wait_until(resumed, timeout=20)
+            status, body = daemon.get("/readyz")
+            assert status == 200, body
+        finally:
+            daemon.terminate()
+    assert "set-activated" in daemon.log_text() or "still in use" in daemon.log_text()
