@@ -18,6 +18,7 @@ ShutdownError into exit status 0. The shape follows hypercorn's ``trio/run.py``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -33,19 +34,22 @@ from api.app import create_app
 from nvswitch_dp.config import ApiConfig, Config
 from nvswitch_dp.controller import GpuSlot, PartitionController
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
-from nvswitch_dp.fabric.types import FabricManagerError, FmReport
+from nvswitch_dp.fabric.types import FabricManagerError, FmNotConfigured, FmReport
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.state import PartitionBook
-from nvswitch_dp.partitions.table import PartitionTable
+from nvswitch_dp.partitions.table import PartitionTable, partition_id_of
 from nvswitch_dp.plugin.lifecycle import serve_resource
 from nvswitch_dp.plugin.pod_resources import GrpcPodResourcesClient, watch_pod_resources
-from nvswitch_dp.ports import FabricManagerClient
+from nvswitch_dp.ports import FabricManagerClient, PodResourcesClient
 from nvswitch_dp.vfio.discovery import build_inventory, discover_gpus, vfio_problem
 from nvswitch_dp.vfio.inotify import DirectoryWatch
 
 log = logging.getLogger(__name__)
 
 FM_START_BACKOFF_MAX_S = 5.0
+# How long to wait for PodResources before resuming a restarted FM blind (FM exits 60 s
+# after its restart unless told which partitions are still active).
+FM_RESUME_PATIENCE_S = 30.0
 
 
 class ShutdownError(Exception):
@@ -85,16 +89,60 @@ def build_fabric_client(config: Config) -> FabricManagerClient:
     )
 
 
-async def first_report(fabric: FabricManagerClient) -> FmReport:
-    """FM's table, waiting for FM as long as it takes (it may still be starting)."""
+async def first_report(
+    fabric: FabricManagerClient,
+    pods: PodResourcesClient,
+    resource_prefix: str,
+    *,
+    pod_resources_patience: float = FM_RESUME_PATIENCE_S,
+) -> FmReport:
+    """FM's table, waiting for FM as long as it takes (it may still be starting).
+
+    If FM was restarted while we were down it refuses to list until someone names the
+    partitions still active; we learn them from PodResources (the devices pods hold)
+    and say so with set-activated. FM exits 60 s after its restart if nobody does, so
+    after ``pod_resources_patience`` seconds without PodResources we name none rather
+    than let FM die.
+    """
     delay = 0.1
+    not_configured_since: float | None = None
     while True:
         try:
             return await fabric.list_partitions()
+        except FmNotConfigured as exc:
+            now = trio.current_time()
+            not_configured_since = not_configured_since or now
+            held = await partitions_held(pods, resource_prefix)
+            if held is None and now - not_configured_since < pod_resources_patience:
+                log.warning("%s; PodResources unreadable, cannot resume it yet", exc)
+            else:
+                ids = sorted(held or ())
+                if held is None:
+                    log.error("PodResources still unreadable: resuming FM with no partition")
+                log.warning("Fabric Manager restarted; set-activated %s", ids)
+                try:
+                    await fabric.set_activated(ids)
+                except FabricManagerError as set_exc:
+                    log.error("set-activated failed: %s", set_exc)
         except FabricManagerError as exc:
             log.warning("Fabric Manager not answering yet (%s); retrying in %.1fs", exc, delay)
-            await trio.sleep(delay)
-            delay = min(delay * 2, FM_START_BACKOFF_MAX_S)
+        await trio.sleep(delay)
+        delay = min(delay * 2, FM_START_BACKOFF_MAX_S)
+
+
+async def partitions_held(pods: PodResourcesClient, resource_prefix: str) -> set[int] | None:
+    """Partition IDs that pods hold in any of our resources; None if PodResources fails."""
+    try:
+        holdings = await pods.list_assigned()
+    except Exception:  # unreadable for whatever reason: we know nothing
+        return None
+    held: set[int] = set()
+    for holding in holdings:
+        if holding.resource_name.startswith(resource_prefix + "-"):
+            for device in holding.device_ids:
+                with contextlib.suppress(ValueError):
+                    held.add(partition_id_of(device))
+    return held
 
 
 def discover_node(config: Config, report: FmReport) -> Node:
@@ -227,7 +275,8 @@ async def run_daemon(
     """
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         fabric = build_fabric_client(config)
-        report = await first_report(fabric)
+        pods = GrpcPodResourcesClient(Path(config.plugin.pod_resources_socket))
+        report = await first_report(fabric, pods, config.plugin.resource_prefix)
         node = discover_node(config, report)
         table = PartitionTable.from_report(report)
         book = PartitionBook(table)
@@ -264,7 +313,7 @@ async def run_daemon(
         await nursery.start(
             watch_pod_resources,
             controller,
-            GrpcPodResourcesClient(Path(config.plugin.pod_resources_socket)),
+            pods,
             grace,
             release_check_interval(grace),
         )

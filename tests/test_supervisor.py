@@ -16,8 +16,10 @@ import trio.testing
 from test_controller import R, make_controller
 
 from nvswitch_dp.controller import ACTIVATION_FAULT_HOLD_S, AllocationError, PartitionController
-from nvswitch_dp.fabric.simulator import SimulatorStore, inject_fault
+from nvswitch_dp.daemon import FM_RESUME_PATIENCE_S, first_report
+from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore, inject_fault
 from nvswitch_dp.partitions.state import Phase, State
+from nvswitch_dp.ports import PodDevices
 from nvswitch_dp.testing.harness import DaemonProcess
 from nvswitch_dp.testing.kubelet import KubeletStandIn
 
@@ -169,3 +171,46 @@ def test_the_daemon_drives_fm_through_fmpm_and_resumes_it_after_a_restart(
         finally:
             daemon.terminate()
     assert "set-activated" in daemon.log_text() or "still in use" in daemon.log_text()
+
+
+# -- FM restarted while the plugin was down -----------------------------------------------
+
+
+class Pods:
+    """A PodResources client whose answers the test sets; None means unreadable."""
+
+    def __init__(self, holdings: list[PodDevices] | None) -> None:
+        self.holdings = holdings
+
+    async def list_assigned(self) -> list[PodDevices]:
+        if self.holdings is None:
+            raise OSError("no such socket")
+        return self.holdings
+
+
+async def test_a_plugin_starting_beside_a_restarted_fm_resumes_it_from_pod_resources(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = SimulatorStore(tmp_path / "fm.state", "hgx-h200")
+    sim = store.load()
+    sim.active = {1, 6}
+    inject_fault(sim, "restart")
+    store.save(sim)
+    pods = Pods([PodDevices("ml", "vm", "compute", f"{R}-4x", ("partition-1",))])
+    report = await first_report(SimulatedFabricManager(store), pods, R)
+    assert report.active_ids == {1}  # 6 was held by nobody
+    assert not store.load().awaiting_set_activated
+
+
+async def test_without_pod_resources_a_restarted_fm_is_resumed_empty_before_it_dies(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = SimulatorStore(tmp_path / "fm.state", "hgx-h200")
+    sim = store.load()
+    sim.active = {2}
+    inject_fault(sim, "restart")
+    store.save(sim)
+    begin = trio.current_time()
+    report = await first_report(SimulatedFabricManager(store), Pods(None), R)
+    assert report.active_ids == frozenset()
+    assert FM_RESUME_PATIENCE_S <= trio.current_time() - begin < 60
