@@ -13,6 +13,7 @@ Calls alternate between the two servers so that machine noise hits both alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nvswitch_dp.fabric.simulator import SimulatorStore, inject_fault
 from nvswitch_dp.testing.harness import DaemonProcess
 from nvswitch_dp.testing.kubelet import KubeletStandIn, load_api, unix_address
 
@@ -97,10 +99,43 @@ def propagation_ms(kubelet: KubeletStandIn) -> float:
     return 1000 * (max(arrived) - begin)
 
 
+def reregister_ms(kubelet: KubeletStandIn, restarts: int) -> list[float]:
+    """Kubelet restarts: time from the new kubelet.sock to every resource registered."""
+    samples = []
+    for _ in range(restarts):
+        kubelet.restart()
+        begin = time.monotonic()
+        kubelet.wait_until(functools.partial(_registered_since, kubelet, begin), timeout=10)
+        latest = max(p.registered_at for p in kubelet.registered().values())
+        samples.append(1000 * (latest - begin))
+    return samples
+
+
+def _registered_since(kubelet: KubeletStandIn, since: float) -> bool:
+    plugins = kubelet.registered()
+    return all(r in plugins and plugins[r].registered_at > since for r in RESOURCES)
+
+
+def fm_resync_s(daemon: DaemonProcess, kubelet: KubeletStandIn, restarts: int) -> list[float]:
+    """FM restarts (simulator): time until the daemon's set-activated resumed FM."""
+    store = SimulatorStore(daemon.fm_state_file, "hgx-h200")
+    samples = []
+    for _ in range(restarts):
+        sim = store.load()
+        inject_fault(sim, "restart")
+        store.save(sim)
+        begin = time.monotonic()
+        kubelet.wait_until(lambda: not store.load().awaiting_set_activated, timeout=60)
+        samples.append(time.monotonic() - begin)
+    return samples
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--kubelet-restarts", type=int, default=20)
+    parser.add_argument("--fm-restarts", type=int, default=3)
     args = parser.parse_args()
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="nvswitch-dp-bench-") as tmp:
@@ -143,6 +178,8 @@ def main() -> int:
                 stub.Allocate(request, timeout=5)
                 samples.append(1000 * (time.perf_counter() - begin))
         rss = rss_mb(daemon.process.pid)  # type: ignore[union-attr]
+        reregister = reregister_ms(kubelet, args.kubelet_restarts)
+        resync = fm_resync_s(daemon, kubelet, args.fm_restarts)
         ours_channel.close()
         bare_channel.close()
         bare.terminate()
@@ -169,6 +206,18 @@ def main() -> int:
             f"{statistics.median(starts):.2f} / {max(starts):.2f}",
             "<= 2",
             _ok(max(starts) <= 2),
+        ),
+        (
+            "Re-registered after a kubelet restart, median / max (ms)",
+            f"{statistics.median(reregister):.0f} / {max(reregister):.0f}",
+            "<= 1000",
+            _ok(max(reregister) <= 1000),
+        ),
+        (
+            "FM resumed after an FM restart, median / max (s)",
+            f"{statistics.median(resync):.1f} / {max(resync):.1f}",
+            "< 60 (FM's window)",
+            _ok(max(resync) < 60),
         ),
         (
             "SIGTERM to exit (s), exit status",

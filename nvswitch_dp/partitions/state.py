@@ -44,11 +44,10 @@ class State(enum.Enum):
     """The one word an operator reads for a partition (REST, metrics, status)."""
 
     FREE = "free"  # available, inactive in FM
-    READY = "ready"  # available, already active in FM (pre-warmed)
+    READY = "ready"  # available, already active in FM (pre-warmed, or awaiting release)
     BLOCKED = "blocked"  # an occupied partition shares a GPU with it
     ACTIVATING = "activating"
     ALLOCATED = "allocated"  # active and held by a pod
-    ACTIVE = "active"  # active in FM, held by no pod (manual, or awaiting release)
     DEACTIVATING = "deactivating"
     UNHEALTHY = "unhealthy"  # a GPU of it is faulty or drained, or FM cannot serve it
 
@@ -224,7 +223,8 @@ class PartitionBook:
         ):
             return State.UNHEALTHY
         if phase is Phase.ACTIVE:
-            return State.READY if self.blocker(partition_id) is None else State.ACTIVE
+            # Rule 2: nothing occupied overlaps an active partition, so it is available.
+            return State.READY
         return State.FREE if self.blocker(partition_id) is None else State.BLOCKED
 
     def view(self, partition_id: int) -> PartitionView:
