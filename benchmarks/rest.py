@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon import allocate_request, allocate_stub, percentile  # benchmarks/daemon.py
 
-from nvswitch_dp.testing.harness import DaemonProcess
-from nvswitch_dp.testing.kubelet import KubeletStandIn
+from nvswitch_dp.testing.harness import simulated_node
 
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
@@ -83,28 +82,20 @@ def main() -> int:
     rest_loaded: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="nvswitch-dp-rest-bench-") as tmp:
         root = Path(tmp)
-        plugin_dir = root / "device-plugins"
-        plugin_dir.mkdir()
-        with KubeletStandIn(plugin_dir) as kubelet:
-            daemon = DaemonProcess(root, plugin_dir).start()
-            try:
-                kubelet.wait_registered(RESOURCES, timeout=30)
-                daemon.wait_api()
-                kubelet.allocate(f"{R}-4x", ["partition-1"])
-                stub, channel = allocate_stub(plugin_dir / "nvswitch-dp-gpu-h200-4x.sock")
-                url = daemon.url + "/v1/partitions"
-                time_allocates(stub, 100, until=None)  # warm up
-                for _ in range(args.rounds):
-                    wrk = start_wrk(url, args.seconds)
-                    rest_alone.append(parse_wrk(wrk.communicate()[0]))
-                    alone += time_allocates(stub, args.calls, until=None)
-                    wrk = start_wrk(url, args.seconds)
-                    time.sleep(0.5)  # let the connections open and the load settle
-                    loaded += time_allocates(stub, args.calls, until=wrk)
-                    rest_loaded.append(parse_wrk(wrk.communicate()[0]))
-                channel.close()
-            finally:
-                daemon.terminate()
+        with simulated_node(root) as (daemon, kubelet):
+            kubelet.allocate(f"{R}-4x", ["partition-1"])
+            stub, channel = allocate_stub(daemon.plugin_dir / "nvswitch-dp-gpu-h200-4x.sock")
+            url = daemon.url + "/v1/partitions"
+            time_allocates(stub, 100, until=None)  # warm up
+            for _ in range(args.rounds):
+                wrk = start_wrk(url, args.seconds)
+                rest_alone.append(parse_wrk(wrk.communicate()[0]))
+                alone += time_allocates(stub, args.calls, until=None)
+                wrk = start_wrk(url, args.seconds)
+                time.sleep(0.5)  # let the connections open and the load settle
+                loaded += time_allocates(stub, args.calls, until=wrk)
+                rest_loaded.append(parse_wrk(wrk.communicate()[0]))
+            channel.close()
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nvswitch_dp.testing.harness import DaemonProcess
+from nvswitch_dp.testing.harness import DaemonProcess, simulated_node
 from nvswitch_dp.testing.kubelet import KubeletStandIn
 
 H200 = "nvidia.com/gpu-h200"
@@ -43,16 +43,8 @@ class Node:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    plugin_dir = tmp_path / "device-plugins"
-    plugin_dir.mkdir()
-    with KubeletStandIn(plugin_dir) as kubelet:
-        daemon = DaemonProcess(tmp_path, plugin_dir).start()
-        try:
-            kubelet.wait_registered(RESOURCES, timeout=30)
-            daemon.wait_api()
-            yield Node(daemon, kubelet)
-        finally:
-            daemon.terminate()
+    with simulated_node(tmp_path) as (daemon, kubelet):
+        yield Node(daemon, kubelet)
 
 
 def test_registers_one_resource_per_partition_size_with_every_partition(node: Node) -> None:
@@ -156,17 +148,10 @@ def test_sigterm_ends_streams_removes_sockets_and_exits_0_within_3s(node: Node) 
 
 
 def test_a_16_gpu_platform_serves_16x_and_nothing_else_does(tmp_path: Path) -> None:
-    plugin_dir = tmp_path / "device-plugins"
-    plugin_dir.mkdir()
-    with KubeletStandIn(plugin_dir) as kubelet:
-        daemon = DaemonProcess(tmp_path, plugin_dir, platform="hgx-a100-16").start()
-        try:
-            sizes = (1, 2, 4, 8, 16)
-            kubelet.wait_registered([f"{H200}-{n}x" for n in sizes], timeout=30)
-            assert kubelet.devices(f"{H200}-16x") == {"partition-0": "Healthy"}
-            assert len(kubelet.devices(f"{H200}-8x")) == 6
-        finally:
-            daemon.terminate()
+    sizes = (1, 2, 4, 8, 16)
+    with simulated_node(tmp_path, platform="hgx-a100-16", sizes=sizes) as (_, kubelet):
+        assert kubelet.devices(f"{H200}-16x") == {"partition-0": "Healthy"}
+        assert len(kubelet.devices(f"{H200}-8x")) == 6
 
 
 def test_a_bad_config_names_the_key_and_stops_the_start(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nvswitch_dp.metrics import Metrics
-from nvswitch_dp.testing.harness import DaemonProcess, free_port
+from nvswitch_dp.testing.harness import DaemonProcess, free_port, simulated_node
 from nvswitch_dp.testing.kubelet import KubeletStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,16 +29,8 @@ PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[tuple[DaemonProcess, KubeletStandIn]]:
-    plugin_dir = tmp_path / "device-plugins"
-    plugin_dir.mkdir()
-    with KubeletStandIn(plugin_dir) as kubelet:
-        daemon = DaemonProcess(tmp_path, plugin_dir).start()
-        try:
-            kubelet.wait_registered(RESOURCES, timeout=30)
-            daemon.wait_api()
-            yield daemon, kubelet
-        finally:
-            daemon.terminate()
+    with simulated_node(tmp_path) as running:
+        yield running
 
 
 def labels_by_family(exposition: str) -> dict[str, set[str]]:

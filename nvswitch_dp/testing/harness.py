@@ -6,6 +6,7 @@ the directories and the kubelet stand-in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -14,8 +15,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nvswitch_dp.testing.kubelet import KubeletStandIn
 
 
 def free_port() -> int:
@@ -122,3 +127,35 @@ class DaemonProcess:
             self.process.wait()
             raise
         return code, time.monotonic() - begin
+
+
+@contextlib.contextmanager
+def simulated_node(
+    workdir: Path,
+    *,
+    platform: str = "hgx-h200",
+    sizes: tuple[int, ...] = (1, 2, 4, 8),
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    resource_prefix: str = "nvidia.com/gpu-h200",
+) -> Iterator[tuple[DaemonProcess, KubeletStandIn]]:
+    """A kubelet stand-in and the daemon on a simulated node, registered and serving REST.
+
+    Ownership: creates ``workdir/device-plugins``; stops both on exit (SIGTERM first).
+    Errors: ``TimeoutError`` when the resources do not register or the API does not
+    come up.
+    """
+    from nvswitch_dp.testing.kubelet import KubeletStandIn
+
+    plugin_dir = workdir / "device-plugins"
+    plugin_dir.mkdir(parents=True, exist_ok=True)
+    with KubeletStandIn(plugin_dir) as kubelet:
+        daemon = DaemonProcess(
+            workdir, plugin_dir, platform=platform, extra_args=extra_args, env=env
+        ).start()
+        try:
+            kubelet.wait_registered([f"{resource_prefix}-{n}x" for n in sizes], timeout=30)
+            daemon.wait_api()
+            yield daemon, kubelet
+        finally:
+            daemon.terminate()
