@@ -8,11 +8,14 @@ a C compiler makes of the header's definitions.
 from __future__ import annotations
 
 import ctypes
+import json
+import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from nvswitch_dp.fabric import libnvfm
@@ -29,6 +32,7 @@ from nvswitch_dp.fabric.types import (
     FmNotConfigured,
     FmUninitialized,
 )
+from nvswitch_dp.testing.harness import simulated_node
 
 FAKE_SOURCE = Path(__file__).parent / "fakes" / "libnvfm_fake.c"
 STATE_ENV = "NVSWITCH_DP_FAKE_NVFM_STATE"
@@ -38,8 +42,7 @@ STATE_ENV = "NVSWITCH_DP_FAKE_NVFM_STATE"
 def fake_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fake libnvfm, compiled once per session with the machine's gcc."""
     gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the fake libnvfm")
+    assert gcc is not None, "gcc is needed to build the fake libnvfm (apt-get install gcc)"
     out = tmp_path_factory.mktemp("libnvfm") / "libnvfm_fake.so"
     subprocess.run(
         [
@@ -206,3 +209,21 @@ async def test_missing_library(state: Path) -> None:
     with pytest.raises(LibnvfmError, match="cannot load"):
         await fm.list_partitions()
     assert not LibnvfmError("x").transient
+
+
+def test_the_daemon_drives_fm_through_libnvfm(fake_library: Path, tmp_path: Path) -> None:
+    """``run --simulate hgx-h200 --fm-backend libnvfm`` on the fake library, end to end."""
+    state = tmp_path / "fm.state"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"version: v1\nfabric_manager:\n  libnvfm_path: {fake_library}\n")
+    env = {**os.environ, STATE_ENV: str(state)}
+    args = ["--config", str(config), "--fm-backend", "libnvfm"]
+    with simulated_node(tmp_path, extra_args=args, env=env) as (daemon, kubelet):
+        kubelet.allocate("nvidia.com/gpu-h200-2x", ["partition-6"])
+        status, body = daemon.get("/v1/partitions/6")
+        assert (status, body["state"]) == (200, "allocated")
+        with pytest.raises(grpc.RpcError) as raised:
+            kubelet.allocate("nvidia.com/gpu-h200-8x", ["partition-0"])
+        assert "partition 6" in (raised.value.details() or "")
+        status, node = daemon.get("/v1/node")
+        assert status == 200 and "libnvfm" in json.dumps(node)
