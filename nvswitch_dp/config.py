@@ -43,6 +43,7 @@ ENV_SOCKET_PATH = "HGX_H200_SOCKET_PATH"
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 LOG_FORMATS = ("text", "json")
 FM_BACKENDS = ("fmpm", "libnvfm", "simulator")
+ALLOCATION_UNITS = ("partition", "gpu")  # nvswitch_dp.partitions.units.UNIT_NAMES
 MAX_MODULE_ID = 16  # FM's limit: 16 GPUs per node
 # Longest suffix a resource name gets ("-16x"); the name part must stay within 63 chars.
 _LONGEST_SIZE_SUFFIX = len("-16x")
@@ -78,6 +79,8 @@ class PluginConfig:
     resource_prefix: str = "nvidia.com/gpu-h200"
     pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
     release_grace_seconds: float = 30.0
+    # What one kubelet device is: a whole partition, or one GPU of one (KubeVirt).
+    allocation_unit: Literal["partition", "gpu"] = "partition"
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,6 +492,7 @@ _PLUGIN: dict[str, Validator] = {
     "resource_prefix": _resource_prefix,
     "pod_resources_socket": _string,
     "release_grace_seconds": _non_negative_number,
+    "allocation_unit": _choice(*ALLOCATION_UNITS),
 }
 _FABRIC: dict[str, Validator] = {
     "backend": _choice(*FM_BACKENDS),

@@ -37,7 +37,8 @@ from nvswitch_dp.partitions.state import (
     StateError,
     UnknownPartition,
 )
-from nvswitch_dp.partitions.table import Partition, partition_id_of
+from nvswitch_dp.partitions.table import Partition
+from nvswitch_dp.partitions.units import PARTITION_UNIT, AllocationUnit, UnitError
 from nvswitch_dp.ports import FabricManagerClient
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,18 @@ class AllocationPlan:
     partitions: list[Partition]
     to_activate: list[int] = field(default_factory=list)
     to_await: list[int] = field(default_factory=list)
+    # GPU modules in the order their addresses go out; empty: each partition's, in turn.
+    module_order: tuple[int, ...] = ()
 
     @property
     def needs_fabric(self) -> bool:
         return bool(self.to_activate or self.to_await)
+
+    @property
+    def modules(self) -> tuple[int, ...]:
+        """The GPUs granted, in the order of their PCI addresses (the request's order
+        under the ``gpu`` unit, so KubeVirt's per-entry pops follow it)."""
+        return self.module_order or tuple(m for p in self.partitions for m in p.sorted_modules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +157,10 @@ class PartitionController:
         resource_prefix: str,
         dev_root: Path,
         metrics: Metrics,
+        unit: AllocationUnit = PARTITION_UNIT,
     ) -> None:
         self.book = book
+        self.unit = unit  # what one kubelet device stands for (plugin.allocation_unit)
         self.fabric = fabric
         self.gpus = dict(gpus)
         self.resource_prefix = resource_prefix
@@ -214,18 +225,16 @@ class PartitionController:
             raise AllocationError(f"resource {resource} is not served here", kind="unknown")
         if not device_ids:
             raise AllocationError("the request names no device", kind="unknown")
-        wanted: list[int] = []
-        for device in device_ids:
-            try:
-                pid = partition_id_of(device)
-            except ValueError as exc:
-                raise AllocationError(str(exc), kind="unknown") from None
-            if pid not in self.book.table or self.book.table[pid].size != size:
-                raise AllocationError(
-                    f"device {device} is not a partition of {resource}", kind="unknown"
-                )
-            wanted.append(pid)
-        plan = AllocationPlan(resource, [self.book.table[pid] for pid in wanted])
+        try:
+            selection = self.unit.select(self.book.table, size, resource, device_ids)
+        except UnitError as exc:
+            raise AllocationError(str(exc), kind=exc.kind) from None
+        wanted = list(selection.partition_ids)
+        plan = AllocationPlan(
+            resource,
+            [self.book.table[pid] for pid in wanted],
+            module_order=selection.module_order,
+        )
         now = trio.current_time()
         claimed: list[tuple[int, Claim]] = []
         try:
@@ -327,12 +336,11 @@ class PartitionController:
         """Devices, environment and annotations for the container (pure)."""
         addresses: list[str] = []
         groups: list[int] = []
-        for partition in plan.partitions:
-            for module in partition.sorted_modules:
-                slot = self.gpus[module]
-                addresses.append(slot.pci_address)
-                if slot.iommu_group not in groups:
-                    groups.append(slot.iommu_group)
+        for module in plan.modules:
+            slot = self.gpus[module]
+            addresses.append(slot.pci_address)
+            if slot.iommu_group not in groups:
+                groups.append(slot.iommu_group)
         vfio = self.dev_root / "vfio"
         devices = [DeviceNode("/dev/vfio/vfio", str(vfio / "vfio"))]
         devices += [DeviceNode(f"/dev/vfio/{g}", str(vfio / str(g))) for g in groups]

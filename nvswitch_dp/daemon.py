@@ -38,6 +38,7 @@ from nvswitch_dp.fabric.types import FabricManagerError, FmNotConfigured, FmRepo
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.state import PartitionBook
 from nvswitch_dp.partitions.table import PartitionTable, partition_id_of
+from nvswitch_dp.partitions.units import allocation_unit
 from nvswitch_dp.plugin.lifecycle import serve_resource
 from nvswitch_dp.plugin.pod_resources import GrpcPodResourcesClient, watch_pod_resources
 from nvswitch_dp.ports import FabricManagerClient, PodResourcesClient
@@ -289,6 +290,7 @@ async def run_daemon(
             resource_prefix=config.plugin.resource_prefix,
             dev_root=Path(config.vfio.dev_root),
             metrics=Metrics(),
+            unit=allocation_unit(config.plugin.allocation_unit),
         )
         for module, reason in node.unmapped.items():
             log.error("GPU module %d: %s", module, reason)

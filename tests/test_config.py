@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nvswitch_dp.config import (
+    ALLOCATION_UNITS,
     Config,
     ConfigError,
     config_to_dict,
@@ -19,6 +20,7 @@ from nvswitch_dp.config import (
     parse_config,
     with_overrides,
 )
+from nvswitch_dp.partitions.units import UNIT_NAMES, allocation_unit
 from nvswitch_dp.vfio.pci_ids import GPU_DEVICE_IDS
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "config-example.yaml"
@@ -40,6 +42,7 @@ def test_minimal_file_is_the_defaults() -> None:
     assert config.plugin.resource_prefix == "nvidia.com/gpu-h200"
     assert config.plugin.pod_resources_socket == "/var/lib/kubelet/pod-resources/kubelet.sock"
     assert config.plugin.release_grace_seconds == 30
+    assert config.plugin.allocation_unit == "partition"
     assert config.fabric_manager.backend == "fmpm"
     assert config.fabric_manager.endpoint == "127.0.0.1"
     assert config.fabric_manager.fmpm_path == "/usr/bin/fmpm"
@@ -176,6 +179,20 @@ BAD = [
         "plugin.release_grace_seconds",
         "number >= 0, got -5",
     ),
+    (
+        "unit",
+        _v1("plugin: {allocation_unit: gpus}\n"),
+        "plugin.allocation_unit",
+        "must be one of partition, gpu, got 'gpus'",
+    ),
+    (
+        "unit-case",
+        _v1("plugin: {allocation_unit: GPU}\n"),
+        "plugin.allocation_unit",
+        "one of partition, gpu",
+    ),
+    ("unit-null", _v1("plugin: {allocation_unit: null}\n"), "plugin.allocation_unit", "got null"),
+    ("unit-int", _v1("plugin: {allocation_unit: 4}\n"), "plugin.allocation_unit", "got 4"),
     (
         "backend",
         _v1("fabric_manager: {backend: nvml}\n"),
@@ -341,6 +358,8 @@ GOOD = [
     ("log: {level: warning, format: json}\n", lambda c: c.log.format == "json"),
     ("log:\n", lambda c: c.log == Config().log),  # an empty section is all defaults
     ("plugin: {release_grace_seconds: 0}\n", lambda c: c.plugin.release_grace_seconds == 0),
+    ("plugin: {allocation_unit: gpu}\n", lambda c: c.plugin.allocation_unit == "gpu"),
+    ("plugin: {allocation_unit: partition}\n", lambda c: c.plugin.allocation_unit == "partition"),
     ("fabric_manager: {timeout_seconds: 0.5}\n", lambda c: c.fabric_manager.timeout_seconds == 0.5),
     ("fabric_manager: {retries: 0}\n", lambda c: c.fabric_manager.retries == 0),
     (
@@ -511,3 +530,11 @@ def test_overrides_set_top_level_keys_and_mappings() -> None:
     assert dict(config.vfio.gpu_device_ids) == {"10de:2335": "H200"}
     assert config.plugin.release_grace_seconds == 1.5
     assert with_overrides(config, {}) is config
+
+
+def test_the_allocation_unit_names_the_units_the_plugin_has() -> None:
+    assert ALLOCATION_UNITS == UNIT_NAMES
+    config = with_overrides(Config(), {"plugin.allocation_unit": "gpu"})
+    assert allocation_unit(config.plugin.allocation_unit).name == "gpu"
+    with pytest.raises(ConfigError, match=r"^command line: plugin.allocation_unit: must be one"):
+        with_overrides(Config(), {"plugin.allocation_unit": "vm"})

@@ -13,24 +13,66 @@ from dataclasses import dataclass, field
 from nvswitch_dp.fabric.types import FmGpu, FmReport
 
 DEVICE_ID_PREFIX = "partition-"
+GPU_INFIX = "-gpu-"
 
 
 def device_id(partition_id: int) -> str:
-    """The kubelet device ID of FM partition ``partition_id``."""
+    """The kubelet device ID of FM partition ``partition_id`` (the ``partition`` unit)."""
     return f"{DEVICE_ID_PREFIX}{partition_id}"
 
 
-def partition_id_of(device: str) -> int:
-    """The FM partition ID named by kubelet device ID ``device``.
+def gpu_device_id(partition_id: int, module_id: int) -> str:
+    """The kubelet device ID of GPU ``module_id`` in partition ``partition_id`` (the
+    ``gpu`` unit): ``partition-3-gpu-5``. At most 31 characters, far below the 63 allowed."""
+    return f"{DEVICE_ID_PREFIX}{partition_id}{GPU_INFIX}{module_id}"
 
-    Raises ``ValueError`` with the reason when ``device`` is not one of ours.
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    """What a kubelet device ID names: a whole partition, or one GPU (module) of it."""
+
+    partition_id: int
+    module_id: int | None = None  # None: the whole partition
+
+    @property
+    def device_id(self) -> str:
+        """The canonical spelling (``parse_device_id(ref.device_id) == ref``)."""
+        if self.module_id is None:
+            return device_id(self.partition_id)
+        return gpu_device_id(self.partition_id, self.module_id)
+
+
+def _number(text: str, device: str, what: str) -> int:
+    # ASCII digits only, no leading zero: one spelling per number ("\u0663" is a digit too).
+    if not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0"):
+        raise ValueError(f"device ID {device!r} does not end in a {what} number")
+    return int(text)
+
+
+def parse_device_id(device: str) -> DeviceRef:
+    """Parse either form of our kubelet device IDs: ``partition-<id>`` or
+    ``partition-<id>-gpu-<module>``. The one parser; pure.
+
+    Raises ``ValueError`` with the reason when ``device`` is not one of ours (also for
+    non-canonical numbers such as ``partition-01``). Whether the form fits the
+    configured allocation unit, and whether the IDs exist, is for the caller to judge.
     """
     if not device.startswith(DEVICE_ID_PREFIX):
         raise ValueError(f"device ID {device!r} does not start with {DEVICE_ID_PREFIX!r}")
-    digits = device[len(DEVICE_ID_PREFIX) :]
-    if not digits.isdigit() or (len(digits) > 1 and digits[0] == "0"):
-        raise ValueError(f"device ID {device!r} does not end in a partition number")
-    return int(digits)
+    rest = device[len(DEVICE_ID_PREFIX) :]
+    head, infix, module = rest.partition(GPU_INFIX)
+    if not infix:
+        return DeviceRef(_number(rest, device, "partition"))
+    return DeviceRef(_number(head, device, "partition"), _number(module, device, "GPU module"))
+
+
+def partition_id_of(device: str) -> int:
+    """The FM partition ID named by kubelet device ID ``device``, in either form
+    (``partition-3`` and ``partition-3-gpu-5`` both name partition 3).
+
+    Raises ``ValueError`` with the reason when ``device`` is not one of ours.
+    """
+    return parse_device_id(device).partition_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,12 @@ class GrpcPodResourcesClient:
 
 
 def assigned_partitions(controller: PartitionController, holdings: list[PodDevices]) -> set[int]:
-    """Partition IDs of our resources that some container holds."""
+    """Partition IDs of our resources that some container holds.
+
+    Either device form counts (``partition-3`` and ``partition-3-gpu-5`` both hold
+    partition 3), whatever the configured unit: a pod admitted before the unit changed
+    still holds its partition, and one GPU ID held is enough to keep it.
+    """
     assigned: set[int] = set()
     for holding in holdings:
         if holding.resource_name not in controller.resources:

@@ -4,9 +4,14 @@ Handlers run on the asyncio side (grpclib). They read the partition book synchro
 (one thread, so a read is never torn) and hop to Trio only when Fabric Manager must be
 called, which keeps the hop off Allocate's path when a partition is already active.
 
+Devices: what one device stands for (a whole partition, or one GPU of it for KubeVirt)
+is the controller's :class:`~nvswitch_dp.partitions.units.AllocationUnit`; this module
+asks it and never branches on the unit itself.
+
 Errors: Allocate maps :class:`AllocationError` to gRPC status codes (NOT_FOUND for an
 unknown device, FAILED_PRECONDITION when another partition blocks it, UNAVAILABLE when
-FM fails) with a message that names the blocking partition. GetPreferredAllocation
+FM fails) with a message that names the blocking partition, or under the ``gpu`` unit
+the GPUs missing from a partial request. GetPreferredAllocation
 never fails: an error there fails the pod's admission, so it answers with its best
 effort instead.
 """
@@ -22,7 +27,6 @@ from grpclib.const import Status
 from trio_asyncio import trio_as_aio
 
 from nvswitch_dp.controller import AllocationError, AllocationPlan, PartitionController
-from nvswitch_dp.partitions.policy import preferred_allocation
 from nvswitch_dp.proto import v1beta1 as dp
 
 log = logging.getLogger(__name__)
@@ -50,15 +54,18 @@ class DevicePluginService(dp.DevicePluginBase):
         devices = []
         for partition in book.table.of_size(self.size):
             numa = self.controller.topology(partition)
-            devices.append(
-                dp.Device(
-                    id=partition.device_id,
-                    health=HEALTHY if book.healthy(partition.partition_id) else UNHEALTHY,
-                    topology=dp.TopologyInfo(nodes=[dp.NumaNode(id=n) for n in numa])
-                    if numa
-                    else None,
+            health = HEALTHY if book.healthy(partition.partition_id) else UNHEALTHY
+            # Every device of a partition (one, or one per GPU) shares its health and NUMA.
+            for device in self.controller.unit.device_ids(partition):
+                devices.append(
+                    dp.Device(
+                        id=device,
+                        health=health,
+                        topology=dp.TopologyInfo(nodes=[dp.NumaNode(id=n) for n in numa])
+                        if numa
+                        else None,
+                    )
                 )
-            )
         return devices
 
     async def get_device_plugin_options(self, message: dp.Empty) -> dp.DevicePluginOptions:
@@ -85,11 +92,12 @@ class DevicePluginService(dp.DevicePluginBase):
         responses = []
         for request in message.container_requests:
             try:
-                chosen = preferred_allocation(
+                chosen = self.controller.unit.preferred(
                     self.controller.book,
                     request.available_deviceIDs,
                     request.must_include_deviceIDs,
                     request.allocation_size,
+                    self.size,
                 )
             except Exception:  # never fail admission; see module docstring
                 log.exception("preferred allocation failed; answering first-fit")
