@@ -161,6 +161,7 @@ class PartitionController:
     ) -> None:
         self.book = book
         self.unit = unit  # what one kubelet device stands for (plugin.allocation_unit)
+        metrics.count_devices_with(lambda partition: len(unit.device_ids(partition)))
         self.fabric = fabric
         self.gpus = dict(gpus)
         self.resource_prefix = resource_prefix

@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
 
 from nvswitch_dp.partitions.state import PartitionView, State
+from nvswitch_dp.partitions.table import Partition
 
 # Allocate is dominated by FM activation: seconds, not milliseconds, on real nodes.
 ALLOCATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -67,7 +68,12 @@ class Metrics:
             registry=self.registry,
         )
         self._refresh: Callable[[], Iterable[tuple[PartitionView, str]]] | None = None
+        self.devices_per: Callable[[Partition], int] = lambda partition: 1
         self._fabric_up: Callable[[], bool] | None = None
+
+    def count_devices_with(self, devices_per: Callable[[Partition], int]) -> None:
+        """How many kubelet devices one partition is (default one)."""
+        self.devices_per = devices_per
 
     def observe_partitions(self, source: Callable[[], Iterable[tuple[PartitionView, str]]]) -> None:
         """Read ``(view, resource name)`` pairs from ``source`` at every scrape."""
@@ -93,7 +99,10 @@ class Metrics:
         for view, resource in views:
             for health in ("healthy", "unhealthy"):
                 counts.setdefault((resource, health), 0)
-            counts[(resource, "healthy" if view.healthy else "unhealthy")] += 1
+            # One partition is one kubelet device, or one per GPU (allocation_unit: gpu).
+            counts[(resource, "healthy" if view.healthy else "unhealthy")] += self.devices_per(
+                view.partition
+            )
             for state in State:
                 self.partition_state.labels(
                     partition=str(view.partition.partition_id), resource=resource, state=state.value

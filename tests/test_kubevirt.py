@@ -355,6 +355,10 @@ def test_every_resource_counts_gpus(node: Node) -> None:
         devices = node.kubelet.devices(f"{R}-{size}x")
         assert devices == dict.fromkeys(all_gpus(size), "Healthy")
         assert len(devices) == 8  # H200: every size covers the 8 GPUs once
+    status, text = node.daemon.get("/metrics")
+    assert status == 200
+    for size in (1, 2, 4, 8):  # the metric counts kubelet devices: GPUs in this mode
+        assert f'hgx_h200_devices_total{{resource="{R}-{size}x",state="healthy"}} 8.0' in text
     topology = node.kubelet.topology(f"{R}-4x")
     assert {tuple(topology[d]) for d in gpus(1)} == {(0,)}
     assert {tuple(topology[d]) for d in gpus(2)} == {(1,)}
