@@ -109,6 +109,9 @@ class ApiConfig:
     listen: str = "0.0.0.0:9090"  # HOST:PORT; IPv6 as [::]:9090
     token_file: str | None = None  # bearer token for mutating endpoints; None: refuse them
     open_reads: bool = True
+    # /v1 requests are paced to this rate so REST load cannot starve the kubelet's
+    # Allocate on the shared event loop; 0 turns pacing off.
+    requests_per_second: float = 100.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
 
@@ -513,6 +516,7 @@ _API: dict[str, Validator] = {
     "listen": _listen,
     "token_file": _optional_string,
     "open_reads": _boolean,
+    "requests_per_second": _non_negative_number,
     "tls_cert_file": _optional_string,
     "tls_key_file": _optional_string,
 }

@@ -303,7 +303,9 @@ async def run_daemon(
         )
         await nursery.start(watch_signals, controller.feed.close)
         await nursery.start(
-            hypercorn.trio.serve, create_app(controller, config), api_config(config.api)
+            hypercorn.trio.serve,
+            create_app(controller, config, rest_rate=config.api.requests_per_second or None),
+            api_config(config.api),
         )
         await nursery.start(
             supervise_fabric, controller, config.fabric_manager.reconcile_interval_seconds

@@ -319,6 +319,7 @@ BAD = [
     ("listen-port", _v1("api: {listen: '0.0.0.0:70000'}\n"), "api.listen", "0-65535"),
     ("listen-bad-v6", _v1("api: {listen: '[zz]:9090'}\n"), "api.listen", "HOST:PORT"),
     ("open-reads", _v1("api: {open_reads: 'yes please'}\n"), "api.open_reads", "true or false"),
+    ("rest-pace", _v1("api: {requests_per_second: -5}\n"), "api.requests_per_second", "-5"),
     ("token", _v1("api: {token_file: ''}\n"), "api.token_file", "non-empty"),
     ("tls-half", _v1("api: {tls_cert_file: /c.pem}\n"), "api.tls_key_file", "go together"),
     ("state-dir", _v1("state_dir: []\n"), "state_dir", "non-empty string"),
