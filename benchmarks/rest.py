@@ -75,6 +75,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="each wrk run")
     parser.add_argument("--calls", type=int, default=1500, help="Allocate calls per run")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--rest-rate", type=float, default=None, help="api.requests_per_second (default: ours)"
+    )
     args = parser.parse_args()
     alone: list[float] = []
     loaded: list[float] = []
@@ -82,7 +85,12 @@ def main() -> int:
     rest_loaded: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="nvswitch-dp-rest-bench-") as tmp:
         root = Path(tmp)
-        with simulated_node(root) as (daemon, kubelet):
+        extra: list[str] = []
+        if args.rest_rate is not None:
+            config = root / "config.yaml"
+            config.write_text(f"version: v1\napi:\n  requests_per_second: {args.rest_rate}\n")
+            extra = ["--config", str(config)]
+        with simulated_node(root, extra_args=extra) as (daemon, kubelet):
             kubelet.allocate(f"{R}-4x", ["partition-1"])
             stub, channel = allocate_stub(daemon.plugin_dir / "nvswitch-dp-gpu-h200-4x.sock")
             url = daemon.url + "/v1/partitions"
