@@ -327,7 +327,9 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return _json({"status": "ok"})
+        # Living Trio tasks: flat over the daemon's life, so a leak shows (kubelet restarts).
+        tasks = trio.lowlevel.current_statistics().tasks_living
+        return _json({"status": "ok", "tasks": tasks})
 
     @app.get("/readyz")
     async def readyz() -> Response:

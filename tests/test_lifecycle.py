@@ -154,6 +154,7 @@ def test_kubelet_restarts_re_register_everything_and_leak_nothing(node: Node) ->
     node.kubelet.restart()
     node.kubelet.wait_registered(RESOURCES, timeout=5)
     fds_before = open_fds(pid)
+    tasks_before = node.daemon.get("/healthz")[1]["tasks"]
     for _ in range(100):
         node.kubelet.restart()
         node.kubelet.wait_registered(RESOURCES, timeout=5)
@@ -162,6 +163,7 @@ def test_kubelet_restarts_re_register_everything_and_leak_nothing(node: Node) ->
     assert node.health(f"{R}-4x", "partition-2") == "Healthy"
     assert node.health(f"{R}-2x", "partition-5") == "Unhealthy"
     assert open_fds(pid) <= fds_before + 2
+    assert node.daemon.get("/healthz")[1]["tasks"] <= tasks_before + 2
     sockets = sorted(p.name for p in node.plugin_dir.iterdir())
     assert sockets == sorted(
         ["kubelet.sock"] + [f"nvswitch-dp-gpu-h200-{n}x.sock" for n in (1, 2, 4, 8)]
