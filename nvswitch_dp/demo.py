@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from nvswitch_dp.status import status_main
 from nvswitch_dp.testing.kubelet import KubeletStandIn
 
 RESOURCE_PREFIX = "nvidia.com/gpu-h200"
@@ -124,6 +125,8 @@ def _walk_through(
             f"   {p['id']:>3} {p['device_id']:14} {p['resource']:24} {modules:15} "
             f"{p['state']:11} {' '.join(p['pci_addresses'])}"
         )
+    _say(f"\n5. nvswitch-dp status --api http://{api}   (the operator's fabric map)\n")
+    status_main(["--api", f"http://{api}"])
     ready = _get_json(f"http://{api}/readyz")
     _say(f"\n   /readyz: {ready}")
     _say(f"\nThe daemon keeps serving (REST on http://{api}); press Ctrl-C to stop it.")
