@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trio
+from test_lifecycle import Node as LifecycleNode
 
 from nvswitch_dp.controller import AllocationError, GpuSlot, PartitionController
 from nvswitch_dp.fabric.platforms import platform
@@ -35,8 +36,6 @@ from nvswitch_dp.partitions.units import (
     UnitError,
     allocation_unit,
 )
-from nvswitch_dp.testing.harness import DaemonProcess
-from nvswitch_dp.testing.kubelet import KubeletStandIn, PodResourcesStandIn
 
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
@@ -301,44 +300,15 @@ async def test_controller_refuses_a_partial_partition_and_claims_nothing(tmp_pat
 GRACE = 1.0
 
 
-class Node:
+class Node(LifecycleNode):
     """The daemon with ``allocation_unit: gpu``, its kubelet and its PodResources."""
 
     def __init__(self, tmp_path: Path) -> None:
-        plugin_dir = tmp_path / "device-plugins"
-        plugin_dir.mkdir()
-        pod_socket = tmp_path / "pod-resources" / "kubelet.sock"
-        config = tmp_path / "config.yaml"
-        config.write_text(
-            "version: v1\n"
-            "plugin:\n  allocation_unit: gpu\n"
-            "fabric_manager:\n  reconcile_interval_seconds: 0.5\n"
-        )
-        self.kubelet = KubeletStandIn(plugin_dir).start()
-        self.pods = PodResourcesStandIn(pod_socket, kubelet=self.kubelet).start()
-        args = [
-            "--config", str(config),
-            "--pod-resources-socket", str(pod_socket),
-            "--release-grace", str(GRACE),
-        ]  # fmt: skip
-        self.daemon = DaemonProcess(tmp_path, plugin_dir, extra_args=args).start()
-        self.kubelet.wait_registered(RESOURCES, timeout=30)
+        super().__init__(tmp_path, extra_config="plugin:\n  allocation_unit: gpu\n")
         self.daemon.wait_api()
 
     def healthy(self, resource: str) -> set[str]:
         return {d for d, h in self.kubelet.devices(resource).items() if h == "Healthy"}
-
-    def fm_active(self) -> list[int]:
-        if not self.daemon.fm_state_file.exists():
-            return []
-        return sorted(SimulatorStore(self.daemon.fm_state_file, "hgx-h200").load().active)
-
-    def close(self) -> None:
-        try:
-            self.daemon.terminate()
-        finally:
-            self.pods.stop()
-            self.kubelet.stop()
 
 
 @pytest.fixture

@@ -39,7 +39,9 @@ MODULE_MAP = platform("hgx-h200").module_map()
 class Node:
     """A daemon, its kubelet, its PodResources, and the simulated hardware under them."""
 
-    def __init__(self, tmp_path: Path, *, health_interval: float = 0.2) -> None:
+    def __init__(
+        self, tmp_path: Path, *, health_interval: float = 0.2, extra_config: str = ""
+    ) -> None:
         self.tmp_path = tmp_path
         self.plugin_dir = tmp_path / "device-plugins"
         self.plugin_dir.mkdir(exist_ok=True)
@@ -48,7 +50,7 @@ class Node:
         config.write_text(
             "version: v1\n"
             f"vfio:\n  health_interval_seconds: {health_interval}\n"
-            "fabric_manager:\n  reconcile_interval_seconds: 0.5\n"
+            "fabric_manager:\n  reconcile_interval_seconds: 0.5\n" + extra_config
         )
         self.args = [
             "--config", str(config),
