@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon import allocate_request, allocate_stub, percentile  # benchmarks/daemon.py
 
-from nvswitch_dp.testing.harness import simulated_node
+from nvswitch_dp.testing.harness import free_port, simulated_node
 
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
@@ -103,6 +103,24 @@ def main() -> int:
                 time.sleep(0.5)  # let the connections open and the load settle
                 loaded += time_allocates(stub, args.calls, until=wrk)
                 rest_loaded.append(parse_wrk(wrk.communicate()[0]))
+            # Control: the same wrk load on another process (Python's http.server). What
+            # Allocate loses here is CPU sharing on this machine, not our event loop.
+            control_port = free_port()
+            other = subprocess.Popen(
+                [sys.executable, "-m", "http.server", str(control_port), "--bind", "127.0.0.1"],
+                cwd=tmp,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                time.sleep(1.0)
+                wrk = start_wrk(f"http://127.0.0.1:{control_port}/", args.seconds)
+                time.sleep(0.5)
+                control = time_allocates(stub, args.calls, until=wrk)
+                wrk.communicate()
+            finally:
+                other.terminate()
+                other.wait(timeout=10)
             channel.close()
 
     def mean(values: list[float]) -> float:
@@ -131,6 +149,12 @@ def main() -> int:
             f"{(growth - 1) * 100:+.0f}%",
             f"<= +{(P99_GROWTH_TARGET - 1) * 100:.0f}%: "
             + ("met" if growth <= P99_GROWTH_TARGET else "MISSED"),
+        ),
+        (
+            "Control: Allocate p99 growth, same wrk load on another process",
+            "",
+            f"{(percentile(control, 99) / percentile(alone, 99) - 1) * 100:+.0f}%",
+            "CPU sharing alone",
         ),
     ]
     print("| measure | alone | beside the other load | target |")
