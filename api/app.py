@@ -166,7 +166,6 @@ def create_app(
     api = config.api if config is not None else ApiConfig()
     facts = node_facts(config)
     auth = Authorizer(TokenSource(api.token_file), open_reads=api.open_reads)
-    controller.metrics.observe_fabric(lambda: controller.fabric_reachable)
     app = QuartTrio("nvswitch_dp")
     # The unfiltered list is what dashboards and the benchmark poll: keep its bytes for
     # as long as the book has not changed (the book bumps its generation on every change).

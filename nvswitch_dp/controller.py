@@ -181,7 +181,7 @@ class PartitionController:
         self.pod_resources_reachable: bool | None = None  # None: not consulted yet
         self.registered: dict[str, bool] = dict.fromkeys(self.resources, False)
         metrics.observe_partitions(self.views_with_resource)
-        metrics.fabric_manager_up.set(1)  # constructed from a report FM just gave
+        metrics.observe_fabric(lambda: self.fabric_reachable)
         for resource in self.resources:
             metrics.resource_registered.labels(resource=resource).set(0)
 
@@ -479,7 +479,6 @@ class PartitionController:
             fault = None
         self.fabric_reachable = code not in (FmReturn.CONNECTION_NOT_VALID, FmReturn.TIMEOUT)
         self.fabric_problem = fault
-        self.metrics.fabric_manager_up.set(1 if self.fabric_reachable else 0)
         if self.book.set_fabric_fault(fault):
             self.feed.publish()
             if fault is not None:

@@ -59,9 +59,8 @@ class ShutdownError(Exception):
 
 @dataclass(frozen=True)
 class Node:
-    """What the daemon learned at start: FM's table and our GPUs."""
+    """What the daemon learned at start about the GPUs FM names."""
 
-    report: FmReport
     gpus: dict[int, GpuSlot]
     unmapped: dict[int, str]  # module ID -> why it has no usable PCI function
 
@@ -168,7 +167,7 @@ def discover_node(config: Config, report: FmReport) -> Node:
             unmapped[module] = f"GPU {gpu.address} has no IOMMU group (is the IOMMU on?)"
         else:
             gpus[module] = GpuSlot(module, gpu.address, gpu.iommu_group, gpu.numa_node)
-    return Node(report, gpus, unmapped)
+    return Node(gpus, unmapped)
 
 
 async def watch_signals(

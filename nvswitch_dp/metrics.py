@@ -69,7 +69,6 @@ class Metrics:
         )
         self._refresh: Callable[[], Iterable[tuple[PartitionView, str]]] | None = None
         self.devices_per: Callable[[Partition], int] = lambda partition: 1
-        self._fabric_up: Callable[[], bool] | None = None
 
     def count_devices_with(self, devices_per: Callable[[Partition], int]) -> None:
         """How many kubelet devices one partition is (default one)."""
@@ -80,8 +79,8 @@ class Metrics:
         self._refresh = source
 
     def observe_fabric(self, source: Callable[[], bool]) -> None:
-        """Read FM reachability from ``source`` at every scrape (as well as on each call)."""
-        self._fabric_up = source
+        """Read FM reachability from ``source`` whenever the gauge is collected."""
+        self.fabric_manager_up.set_function(lambda: 1.0 if source() else 0.0)
 
     def count_operation(self, operation: str, result: str) -> None:
         self.partition_operations.labels(operation=operation, result=result).inc()
@@ -90,8 +89,6 @@ class Metrics:
         """The text exposition, refreshed from the partition book first."""
         if self._refresh is not None:
             self._refresh_partitions(list(self._refresh()))
-        if self._fabric_up is not None:
-            self.fabric_manager_up.set(1 if self._fabric_up() else 0)
         return generate_latest(self.registry)
 
     def _refresh_partitions(self, views: list[tuple[PartitionView, str]]) -> None:

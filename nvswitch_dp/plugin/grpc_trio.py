@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
-from grpclib.const import Handler as GrpcHandler
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 from trio_asyncio import aio_as_trio
@@ -89,4 +88,4 @@ async def call_aio(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
     return result
 
 
-__all__ = ["ClosingServer", "GrpcHandler", "call_aio", "serving"]
+__all__ = ["ClosingServer", "call_aio", "serving"]

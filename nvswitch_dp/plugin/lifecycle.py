@@ -71,19 +71,17 @@ async def register(plugin_dir: Path, resource: str, endpoint: str) -> None:
     await call_aio(register_aio)
 
 
-async def register_with_backoff(plugin_dir: Path, resource: str, endpoint: str) -> int:
+async def register_with_backoff(plugin_dir: Path, resource: str, endpoint: str) -> None:
     """Register until it succeeds; a kubelet still starting refuses at first.
 
-    Returns the number of failed attempts. Cancelled only from outside.
+    Cancelled only from outside.
     """
     delay = BACKOFF_FIRST_S
-    failures = 0
     while True:
         try:
             await register(plugin_dir, resource, endpoint)
-            return failures
+            return
         except Exception as exc:  # any failure: kubelet not ready yet, or restarting
-            failures += 1
             log.warning("registering %s failed (%s); retrying in %.2fs", resource, exc, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
