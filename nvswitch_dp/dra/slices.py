@@ -1,0 +1,282 @@
+"""The node's DRA pool as ResourceSlices of ``resource.k8s.io/v1``: a pure builder.
+
+One pool per node, named after the node. The slices (JSON dicts, ready to send):
+
+- **counters** (``<node>-<driver>-counters``): one counter set per baseboard
+  (``baseboard-0`` holds modules 1-8, ``baseboard-1`` modules 9-16), one counter
+  ``gpu-<module>`` of value 1 per GPU. Since 1.35 a slice holds devices *or* shared
+  counters, never both, so counters have their own slice(s) of the same pool.
+- **devices** (``<node>-<driver>-devices-<i>``): one device ``partition-<fm id>`` per FM
+  partition, consuming the counters of its GPUs (one entry per baseboard it touches), and
+  one device ``gpu-<module>`` per GPU (for KubeVirt, one device per request), consuming its
+  one counter. With every counter at 1 the scheduler can never hand out two devices that
+  share a GPU, whatever mix of partition and per-GPU devices is asked for.
+
+Per-GPU devices carry ``partition<N>x``: the FM ID of *the* N-GPU partition holding the GPU,
+so that N requests constrained by ``matchAttribute: <driver>/partition<N>x`` land on exactly
+one FM partition. Where FM's table puts a GPU in several partitions of one size (the 16-GPU
+tables put each GPU in three 8-GPU partitions), one attribute can name only one of them:
+the builder picks, per size, disjoint partitions by ascending ID (on the 16-GPU tables the
+two baseboard partitions); the others are reachable as partition devices only.
+
+Problems: a GPU with a problem (fault, drain, missing from PCI) leaves the pool, and so
+does every partition containing it; a partition with a problem leaves the pool, and the
+per-GPU devices lose its ``partition<N>x`` attribute (so no constrained claim can land on
+it). Counters stay: they describe the hardware, not its health. Leaving devices out was
+chosen over device taints because taints are a beta field behind the ``DRADeviceTaints``
+gate in 1.36, while an absent device is understood by every scheduler.
+
+Everything here is pure; :mod:`nvswitch_dp.dra.validation` holds the published limits
+this module respects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from nvswitch_dp.dra import validation
+from nvswitch_dp.partitions.table import Partition, PartitionTable
+
+if TYPE_CHECKING:
+    from nvswitch_dp.controller import GpuSlot
+
+API_VERSION = "resource.k8s.io/v1"
+KIND = "ResourceSlice"
+DEFAULT_DRIVER = "gpu.nvswitch-dp.io"
+PCI_BUS_ID = "resource.kubernetes.io/pciBusID"
+GPUS_PER_BASEBOARD = 8
+# Every device consumes counters, so a device slice holds at most 64 devices.
+DEVICES_PER_SLICE = validation.MAX_DEVICES_ADVANCED
+COUNTER_SETS_PER_SLICE = validation.MAX_COUNTER_SETS
+COUNTERS_SLICE_SUFFIX = "counters"
+DEVICES_SLICE_SUFFIX = "devices"
+_HASH_LENGTH = 10
+
+Slice = dict[str, Any]
+
+
+class PoolError(ValueError):
+    """The table cannot be published within the published limits (the message says why)."""
+
+
+@dataclass(frozen=True)
+class PoolInputs:
+    """Everything the pool depends on; a change of any field may change the slices.
+
+    ``gpus`` maps module ID to where the GPU sits (a module of the table missing here is
+    treated as a problem: it cannot be handed out). ``gpu_problems`` and
+    ``partition_problems`` map a module or partition ID to why it must leave the pool.
+    """
+
+    node_name: str
+    driver: str
+    platform: str
+    table: PartitionTable
+    gpus: Mapping[int, GpuSlot]
+    gpu_problems: Mapping[int, str]
+    partition_problems: Mapping[int, str]
+
+
+def baseboard_of(module_id: int) -> int:
+    """The baseboard (counter set index) of a module: 1-8 -> 0, 9-16 -> 1."""
+    if module_id < 1:
+        raise PoolError(f"module IDs start at 1, got {module_id}")
+    return (module_id - 1) // GPUS_PER_BASEBOARD
+
+
+def counter_set_name(baseboard: int) -> str:
+    return f"baseboard-{baseboard}"
+
+
+def counter_name(module_id: int) -> str:
+    return f"gpu-{module_id}"
+
+
+def partition_device_name(partition_id: int) -> str:
+    return f"partition-{partition_id}"
+
+
+def gpu_device_name(module_id: int) -> str:
+    return f"gpu-{module_id}"
+
+
+def partition_attribute(size: int) -> str:
+    """The per-GPU attribute naming the ``size``-GPU partition that holds the GPU."""
+    return f"partition{size}x"
+
+
+def slice_name(node_name: str, driver: str, suffix: str) -> str:
+    """``<node>-<driver with dots as dashes>-<suffix>``, a valid DNS subdomain of at most
+    253 characters; a node name too long for that is cut and followed by a hash of the
+    whole node name, so names stay unique and deterministic."""
+    base = f"{node_name}-{driver.replace('.', '-')}"
+    name = f"{base}-{suffix}"
+    if len(name) <= validation.MAX_SUBDOMAIN:
+        return name
+    digest = hashlib.sha256(f"{node_name}/{driver}".encode()).hexdigest()[:_HASH_LENGTH]
+    room = validation.MAX_SUBDOMAIN - len(suffix) - _HASH_LENGTH - 2
+    head = base[:room].rstrip("-.")
+    return f"{head}-{digest}-{suffix}"
+
+
+def gpu_partitions(table: PartitionTable) -> dict[int, dict[int, int]]:
+    """Module -> size -> the FM ID published as its ``partition<size>x`` attribute.
+
+    Per size, partitions are taken by ascending ID when they share no GPU with one taken
+    already: every GPU gets at most one partition per size, and N GPUs sharing a value are
+    exactly that partition's GPUs."""
+    chosen: dict[int, dict[int, int]] = {m: {} for m in table.module_ids}
+    for size in table.sizes:
+        covered: set[int] = set()
+        for p in sorted(table.of_size(size), key=lambda q: q.partition_id):
+            if covered.isdisjoint(p.module_ids):
+                covered |= p.module_ids
+                for m in p.module_ids:
+                    chosen[m][size] = p.partition_id
+    return chosen
+
+
+def _consumes(modules: Sequence[int]) -> list[dict[str, Any]]:
+    by_set: dict[int, list[int]] = {}
+    for m in sorted(modules):
+        by_set.setdefault(baseboard_of(m), []).append(m)
+    return [
+        {
+            "counterSet": counter_set_name(b),
+            "counters": {counter_name(m): {"value": "1"} for m in mods},
+        }
+        for b, mods in sorted(by_set.items())
+    ]
+
+
+def _usable(p: Partition, inputs: PoolInputs) -> bool:
+    return p.partition_id not in inputs.partition_problems and all(
+        m in inputs.gpus and m not in inputs.gpu_problems for m in p.module_ids
+    )
+
+
+def _partition_device(p: Partition, inputs: PoolInputs) -> dict[str, Any]:
+    numa = [inputs.gpus[m].numa_node for m in p.sorted_modules]
+    numa_text = (
+        "" if None in numa else ",".join(str(n) for n in sorted({n for n in numa if n is not None}))
+    )
+    return {
+        "name": partition_device_name(p.partition_id),
+        "attributes": {
+            "kind": {"string": "partition"},
+            "size": {"int": p.size},
+            "partitionID": {"int": p.partition_id},
+            "modules": {"string": ",".join(str(m) for m in p.sorted_modules)},
+            "numaNodes": {"string": numa_text},
+            "platform": {"string": inputs.platform},
+        },
+        "consumesCounters": _consumes(p.sorted_modules),
+    }
+
+
+def _gpu_device(
+    module_id: int, inputs: PoolInputs, partitions: Mapping[int, int], usable: set[int]
+) -> dict[str, Any]:
+    slot = inputs.gpus[module_id]
+    attributes: dict[str, dict[str, Any]] = {
+        "kind": {"string": "gpu"},
+        "moduleID": {"int": module_id},
+        "platform": {"string": inputs.platform},
+        PCI_BUS_ID: {"string": slot.pci_address},
+    }
+    if slot.numa_node is not None:
+        attributes["numaNode"] = {"int": slot.numa_node}
+    for size, pid in sorted(partitions.items()):
+        if pid in usable:
+            attributes[partition_attribute(size)] = {"int": pid}
+    return {
+        "name": gpu_device_name(module_id),
+        "attributes": attributes,
+        "consumesCounters": _consumes([module_id]),
+    }
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)] or [[]]
+
+
+def build_pool(inputs: PoolInputs, generation: int) -> list[Slice]:
+    """The ResourceSlices of the node's pool at ``generation``, in a fixed order (counters
+    first, then devices): pure and deterministic, so equal inputs give equal slices.
+
+    Raises :class:`PoolError` when the table cannot be published within the limits (a
+    partition over more than two baseboards, a baseboard of more than 32 GPUs) and
+    ``ValueError`` for a negative generation.
+    """
+    if generation < 0:
+        raise ValueError(f"pool generation must be >= 0, got {generation}")
+    table = inputs.table
+    modules = sorted(table.module_ids)
+    for p in table:
+        if len({baseboard_of(m) for m in p.module_ids}) > validation.MAX_CONSUMPTIONS_PER_DEVICE:
+            raise PoolError(
+                f"partition {p.partition_id} spans more than "
+                f"{validation.MAX_CONSUMPTIONS_PER_DEVICE} baseboards: a device may consume "
+                f"from at most {validation.MAX_CONSUMPTIONS_PER_DEVICE} counter sets"
+            )
+    boards: dict[int, list[int]] = {}
+    for m in modules:
+        boards.setdefault(baseboard_of(m), []).append(m)
+    counter_sets = [
+        {
+            "name": counter_set_name(b),
+            "counters": {counter_name(m): {"value": "1"} for m in mods},
+        }
+        for b, mods in sorted(boards.items())
+    ]
+    usable = {p.partition_id for p in table if _usable(p, inputs)}
+    chosen = gpu_partitions(table)
+    devices = [_partition_device(table[pid], inputs) for pid in sorted(usable)]
+    devices += [
+        _gpu_device(m, inputs, chosen[m], usable)
+        for m in modules
+        if m in inputs.gpus and m not in inputs.gpu_problems
+    ]
+    specs: list[dict[str, Any]] = [
+        {"sharedCounters": chunk} for chunk in _chunks(counter_sets, COUNTER_SETS_PER_SLICE)
+    ]
+    names = [
+        slice_name(inputs.node_name, inputs.driver, COUNTERS_SLICE_SUFFIX)
+        if i == 0
+        else slice_name(inputs.node_name, inputs.driver, f"{COUNTERS_SLICE_SUFFIX}-{i}")
+        for i in range(len(specs))
+    ]
+    if devices:
+        # A pool whose every device left (all GPUs faulty) is the counters slice alone.
+        for i, chunk in enumerate(_chunks(devices, DEVICES_PER_SLICE)):
+            specs.append({"devices": chunk})
+            names.append(slice_name(inputs.node_name, inputs.driver, f"{DEVICES_SLICE_SUFFIX}-{i}"))
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": name},
+            "spec": {
+                "driver": inputs.driver,
+                "pool": {
+                    "name": inputs.node_name,
+                    "generation": generation,
+                    "resourceSliceCount": len(specs),
+                },
+                "nodeName": inputs.node_name,
+                **spec,
+            },
+        }
+        for name, spec in zip(names, specs, strict=True)
+    ]
+
+
+def without_generation(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A slice's name and spec with ``pool.generation`` left out: what tells whether the
+    pool's content changed (server-set metadata such as ``resourceVersion`` is dropped)."""
+    spec = dict(obj["spec"])
+    spec["pool"] = {k: v for k, v in spec["pool"].items() if k != "generation"}
+    return {"name": obj["metadata"]["name"], "spec": spec}
