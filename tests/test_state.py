@@ -62,6 +62,10 @@ SETUPS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "active-in-use": [("claim", {}), ("activated", {})],
     "active-free": [("begin_activation", {}), ("activated", {})],
     "deactivating": [("begin_activation", {}), ("activated", {}), ("begin_deactivation", {})],
+    "unknown-claimed": [("claim", {}), ("outcome_unknown", {})],
+    "unknown-free": [("begin_activation", {}), ("outcome_unknown", {})],
+    # A pod holds it but FM has it inactive (FM dropped it, or a re-activation failed).
+    "held-inactive": [("claim", {}), ("activation_failed", {"keep_claim": True})],
 }
 
 EVENTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -74,9 +78,16 @@ EVENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "deactivated": ("deactivated", {}),
     "deactivation_failed": ("deactivation_failed", {}),
     "release": ("release", {}),
+    "outcome_unknown": ("outcome_unknown", {}),
+    "settle_active": ("settle", {"active": True}),
+    "settle_inactive": ("settle", {"active": False}),
+    "mark_held": ("mark_held", {}),
+    "reactivate": ("reactivate", {}),
+    "failed_keeping_claim": ("activation_failed", {"keep_claim": True}),
 }
 
 IN, ACT, A, D = Phase.INACTIVE, Phase.ACTIVATING, Phase.ACTIVE, Phase.DEACTIVATING
+U = Phase.UNKNOWN
 ILLEGAL = IllegalTransition
 
 # (setup, event) -> (phase after, in use after, return value) or the error raised.
@@ -136,6 +147,87 @@ TRANSITIONS: dict[tuple[str, str], Outcome] = {
     ("deactivating", "deactivated"): (IN, False, None),
     ("deactivating", "deactivation_failed"): (A, False, None),
     ("deactivating", "release"): (D, False, None),
+    ("inactive", "outcome_unknown"): ILLEGAL,
+    ("inactive", "settle_active"): ILLEGAL,
+    ("inactive", "settle_inactive"): ILLEGAL,
+    ("inactive", "mark_held"): (IN, True, None),
+    ("inactive", "reactivate"): ILLEGAL,
+    ("inactive", "failed_keeping_claim"): ILLEGAL,
+    ("activating-claimed", "outcome_unknown"): (U, True, None),
+    ("activating-claimed", "settle_active"): ILLEGAL,
+    ("activating-claimed", "settle_inactive"): ILLEGAL,
+    ("activating-claimed", "mark_held"): (ACT, True, None),
+    ("activating-claimed", "reactivate"): ILLEGAL,
+    ("activating-claimed", "failed_keeping_claim"): (IN, True, None),
+    ("activating-prewarm", "outcome_unknown"): (U, False, None),
+    ("activating-prewarm", "settle_active"): ILLEGAL,
+    ("activating-prewarm", "settle_inactive"): ILLEGAL,
+    ("activating-prewarm", "mark_held"): (ACT, True, None),
+    ("activating-prewarm", "reactivate"): ILLEGAL,
+    ("activating-prewarm", "failed_keeping_claim"): (IN, False, None),
+    ("active-in-use", "outcome_unknown"): ILLEGAL,
+    ("active-in-use", "settle_active"): ILLEGAL,
+    ("active-in-use", "settle_inactive"): ILLEGAL,
+    ("active-in-use", "mark_held"): (A, True, None),
+    ("active-in-use", "reactivate"): ILLEGAL,
+    ("active-in-use", "failed_keeping_claim"): ILLEGAL,
+    ("active-free", "outcome_unknown"): ILLEGAL,
+    ("active-free", "settle_active"): ILLEGAL,
+    ("active-free", "settle_inactive"): ILLEGAL,
+    ("active-free", "mark_held"): (A, True, None),
+    ("active-free", "reactivate"): ILLEGAL,
+    ("active-free", "failed_keeping_claim"): ILLEGAL,
+    ("deactivating", "outcome_unknown"): (U, False, None),
+    ("deactivating", "settle_active"): ILLEGAL,
+    ("deactivating", "settle_inactive"): ILLEGAL,
+    ("deactivating", "mark_held"): ILLEGAL,
+    ("deactivating", "reactivate"): ILLEGAL,
+    ("deactivating", "failed_keeping_claim"): ILLEGAL,
+    ("unknown-claimed", "claim"): ILLEGAL,
+    ("unknown-claimed", "begin_activation"): ILLEGAL,
+    ("unknown-claimed", "activated"): ILLEGAL,
+    ("unknown-claimed", "activation_failed"): ILLEGAL,
+    ("unknown-claimed", "begin_deactivation"): ILLEGAL,
+    ("unknown-claimed", "force_deactivation"): ILLEGAL,
+    ("unknown-claimed", "deactivated"): ILLEGAL,
+    ("unknown-claimed", "deactivation_failed"): ILLEGAL,
+    ("unknown-claimed", "release"): (U, False, None),
+    ("unknown-claimed", "outcome_unknown"): ILLEGAL,
+    ("unknown-claimed", "settle_active"): (A, True, None),
+    ("unknown-claimed", "settle_inactive"): (IN, True, None),
+    ("unknown-claimed", "mark_held"): (U, True, None),
+    ("unknown-claimed", "reactivate"): ILLEGAL,
+    ("unknown-claimed", "failed_keeping_claim"): ILLEGAL,
+    ("unknown-free", "claim"): ILLEGAL,
+    ("unknown-free", "begin_activation"): ILLEGAL,
+    ("unknown-free", "activated"): ILLEGAL,
+    ("unknown-free", "activation_failed"): ILLEGAL,
+    ("unknown-free", "begin_deactivation"): ILLEGAL,
+    ("unknown-free", "force_deactivation"): ILLEGAL,
+    ("unknown-free", "deactivated"): ILLEGAL,
+    ("unknown-free", "deactivation_failed"): ILLEGAL,
+    ("unknown-free", "release"): (U, False, None),
+    ("unknown-free", "outcome_unknown"): ILLEGAL,
+    ("unknown-free", "settle_active"): (A, False, None),
+    ("unknown-free", "settle_inactive"): (IN, False, None),
+    ("unknown-free", "mark_held"): (U, True, None),
+    ("unknown-free", "reactivate"): ILLEGAL,
+    ("unknown-free", "failed_keeping_claim"): ILLEGAL,
+    ("held-inactive", "claim"): PartitionUnhealthy,
+    ("held-inactive", "begin_activation"): PartitionUnhealthy,
+    ("held-inactive", "activated"): ILLEGAL,
+    ("held-inactive", "activation_failed"): ILLEGAL,
+    ("held-inactive", "begin_deactivation"): ILLEGAL,
+    ("held-inactive", "force_deactivation"): ILLEGAL,
+    ("held-inactive", "deactivated"): ILLEGAL,
+    ("held-inactive", "deactivation_failed"): ILLEGAL,
+    ("held-inactive", "release"): (IN, False, None),
+    ("held-inactive", "outcome_unknown"): ILLEGAL,
+    ("held-inactive", "settle_active"): ILLEGAL,
+    ("held-inactive", "settle_inactive"): ILLEGAL,
+    ("held-inactive", "mark_held"): (IN, True, None),
+    ("held-inactive", "reactivate"): (ACT, True, None),
+    ("held-inactive", "failed_keeping_claim"): ILLEGAL,
 }
 
 
@@ -203,6 +295,11 @@ def test_illegal_transition_names_the_phase_and_event() -> None:
         lambda b: b.release(99),
         lambda b: b.set_partition_fault(99, "x"),
         lambda b: b.adopt([99], []),
+        lambda b: b.in_use(99),
+        lambda b: b.outcome_unknown(99),
+        lambda b: b.settle(99, active=True),
+        lambda b: b.mark_held(99),
+        lambda b: b.reactivate(99),
         lambda b: b.phase(99),
         lambda b: b.state(99),
         lambda b: b.view(99),
@@ -400,9 +497,18 @@ def test_drain_takes_gpus_out_but_in_use_partitions_keep_running() -> None:
     assert book.available(4)
 
 
-def test_draining_a_gpu_outside_the_table_is_refused() -> None:
+@pytest.mark.parametrize(
+    "action",
+    [
+        lambda b: b.drain(9),
+        lambda b: b.undrain(9),
+        lambda b: b.set_module_fault(9, "Xid 79"),
+        lambda b: b.set_module_fault(9, None),
+    ],
+)
+def test_a_gpu_outside_the_table_is_refused(action: Callable[[PartitionBook], object]) -> None:
     book = PartitionBook(H200)
-    error = assert_refused(book, lambda: book.drain(9), StateError)
+    error = assert_refused(book, lambda: action(book), StateError)
     assert "GPU 9" in str(error)
 
 
@@ -447,10 +553,25 @@ def test_adopt_refuses_impossible_facts_and_changes_nothing(
         assert "share a GPU" in str(raised)
 
 
-def test_observe_active_drops_what_fm_dropped_with_its_claim() -> None:
+def test_observe_active_drops_what_fm_dropped_but_keeps_its_claim() -> None:
     book = book_at("active-in-use")
     assert book.observe_active([]) == {P}
-    assert (book.phase(P), book.in_use(P)) == (Phase.INACTIVE, False)
+    # The pod still has the GPUs: nothing overlapping may be handed out meanwhile.
+    assert (book.phase(P), book.in_use(P)) == (Phase.INACTIVE, True)
+    assert book.state(P) is State.UNHEALTHY
+    assert "inactive in Fabric Manager" in (book.fault(P) or "")
+    assert book.blocker(1) == P
+
+
+def test_observe_active_settles_unknown_partitions_either_way() -> None:
+    book = book_at("unknown-claimed")
+    assert book.observe_active([P]) == {P}
+    assert (book.phase(P), book.state(P)) == (Phase.ACTIVE, State.ALLOCATED)
+    other = book_at("unknown-free")
+    assert other.state(P) is State.UNSETTLED and not other.available(P)
+    assert other.blocker(1) == P  # FM may have it active: its overlaps stay out
+    assert other.observe_active([]) == {P}
+    assert other.state(P) is State.FREE
 
 
 def test_observe_active_takes_up_what_fm_activated() -> None:

@@ -4,9 +4,12 @@ Rules of the state machine (everything that decides it lives in this module):
 
 1. Each partition has a *phase* in Fabric Manager: INACTIVE -> ACTIVATING -> ACTIVE ->
    DEACTIVATING -> INACTIVE. A failed activation returns to INACTIVE, a failed
-   deactivation to ACTIVE. Any other move raises :class:`IllegalTransition` and changes
-   nothing.
-2. A partition is *occupied* when its phase is not INACTIVE or a pod holds it. Two
+   deactivation to ACTIVE. A call whose outcome is unknown (cancelled, timed out, its
+   process killed) moves ACTIVATING or DEACTIVATING to UNKNOWN, which only FM's own
+   report settles (to ACTIVE or INACTIVE). Any other move raises
+   :class:`IllegalTransition` and changes nothing.
+2. A partition is *occupied* when its phase is not INACTIVE or a pod holds it (UNKNOWN
+   is occupied: FM may have it active). Two
    occupied partitions never share a GPU: every transition that would break this raises
    :class:`PartitionBlocked` before changing anything.
 3. A partition a pod holds (*in use*) is never deactivated without ``force``.
@@ -38,6 +41,7 @@ class Phase(enum.Enum):
     ACTIVATING = "activating"
     ACTIVE = "active"
     DEACTIVATING = "deactivating"
+    UNKNOWN = "unknown"  # an FM call's outcome is unknown; FM's next report settles it
 
 
 class State(enum.Enum):
@@ -50,6 +54,7 @@ class State(enum.Enum):
     ALLOCATED = "allocated"  # active and held by a pod
     DEACTIVATING = "deactivating"
     UNHEALTHY = "unhealthy"  # a GPU of it is faulty or drained, or FM cannot serve it
+    UNSETTLED = "unsettled"  # an FM call's outcome is unknown; being checked with FM
 
 
 class Claim(enum.Enum):
@@ -141,7 +146,7 @@ class PartitionBook:
         return self._phase[self._known(partition_id)]
 
     def in_use(self, partition_id: int) -> bool:
-        return partition_id in self._in_use
+        return self._known(partition_id) in self._in_use
 
     @property
     def in_use_ids(self) -> frozenset[int]:
@@ -176,6 +181,8 @@ class PartitionBook:
     def fault(self, partition_id: int) -> str | None:
         """Why the partition's own hardware (or FM) cannot serve it, or None."""
         reasons = []
+        if partition_id in self._in_use and self._phase[partition_id] is Phase.INACTIVE:
+            reasons.append("held but inactive in Fabric Manager (activating it again)")
         if partition_id in self._partition_faults:
             reasons.append(self._partition_faults[partition_id])
         for module in sorted(self.table[self._known(partition_id)].module_ids):
@@ -211,11 +218,15 @@ class PartitionBook:
         if partition_id in self._in_use:
             if self.fault(partition_id) is not None:
                 return State.UNHEALTHY
+            if phase is Phase.UNKNOWN:
+                return State.UNSETTLED
             return State.ACTIVATING if phase is Phase.ACTIVATING else State.ALLOCATED
         if phase is Phase.ACTIVATING:
             return State.ACTIVATING
         if phase is Phase.DEACTIVATING:
             return State.DEACTIVATING
+        if phase is Phase.UNKNOWN:
+            return State.UNSETTLED
         if (
             self.fault(partition_id) is not None
             or self.drained(partition_id)
@@ -260,7 +271,7 @@ class PartitionBook:
         is being deactivated.
         """
         phase = self._phase[self._known(partition_id)]
-        if phase is Phase.DEACTIVATING:
+        if phase in (Phase.DEACTIVATING, Phase.UNKNOWN):
             raise IllegalTransition(partition_id, phase, "be allocated")
         self._check_not_blocked(partition_id)
         self._check_not_faulty(partition_id)
@@ -293,10 +304,31 @@ class PartitionBook:
         """FM confirmed the activation."""
         self._move(partition_id, Phase.ACTIVATING, Phase.ACTIVE, "finish activating")
 
-    def activation_failed(self, partition_id: int) -> None:
-        """FM refused or failed the activation: back to INACTIVE, held by nobody."""
+    def activation_failed(self, partition_id: int, *, keep_claim: bool = False) -> None:
+        """FM refused or failed the activation: back to INACTIVE, held by nobody unless
+        ``keep_claim`` (a pod or claim that held it before still has its GPUs)."""
         self._move(partition_id, Phase.ACTIVATING, Phase.INACTIVE, "fail activating")
-        self._in_use.discard(partition_id)
+        if not keep_claim:
+            self._in_use.discard(partition_id)
+        self._changed()
+
+    def mark_held(self, partition_id: int) -> None:
+        """Record a fact, not a request: something holds the partition (FM has it active
+        behind our back, or PodResources shows it assigned). No checks beyond the phase:
+        refusing a fact would only make the book wrong."""
+        phase = self._phase[self._known(partition_id)]
+        if phase is Phase.DEACTIVATING:
+            raise IllegalTransition(partition_id, phase, "be held")
+        if partition_id not in self._in_use:
+            self._in_use.add(partition_id)
+            self._changed()
+
+    def reactivate(self, partition_id: int) -> None:
+        """Activate again a held partition FM has inactive (its holder keeps its GPUs)."""
+        phase = self._phase[self._known(partition_id)]
+        if phase is not Phase.INACTIVE or partition_id not in self._in_use:
+            raise IllegalTransition(partition_id, phase, "be activated again")
+        self._phase[partition_id] = Phase.ACTIVATING
         self._changed()
 
     def begin_deactivation(self, partition_id: int, *, force: bool = False) -> None:
@@ -321,6 +353,28 @@ class PartitionBook:
 
     def deactivation_failed(self, partition_id: int) -> None:
         self._move(partition_id, Phase.DEACTIVATING, Phase.ACTIVE, "fail deactivating")
+
+    def outcome_unknown(self, partition_id: int) -> None:
+        """The activation or deactivation in flight ended without an answer (cancelled,
+        timed out, killed): FM may have done it or not. A pod's claim is kept."""
+        phase = self._phase[self._known(partition_id)]
+        if phase not in (Phase.ACTIVATING, Phase.DEACTIVATING):
+            raise IllegalTransition(partition_id, phase, "lose an FM call's outcome")
+        self._phase[partition_id] = Phase.UNKNOWN
+        self._changed()
+
+    def settle(self, partition_id: int, *, active: bool) -> None:
+        """FM's report settles an UNKNOWN partition. A claim is kept either way (as
+        :meth:`observe_active` keeps it): only a release drops it."""
+        phase = self._phase[self._known(partition_id)]
+        if phase is not Phase.UNKNOWN:
+            raise IllegalTransition(partition_id, phase, "be settled")
+        self._phase[partition_id] = Phase.ACTIVE if active else Phase.INACTIVE
+        self._changed()
+
+    def touch(self) -> None:
+        """Something outside the book that the edges show changed: bump the generation."""
+        self._changed()
 
     def release(self, partition_id: int) -> None:
         """No pod holds the partition any more; it stays active until deactivated."""
@@ -356,19 +410,23 @@ class PartitionBook:
         """Reconcile the settled phases with FM's active set; return the IDs corrected.
 
         Partitions in flight (ACTIVATING, DEACTIVATING) are left alone: their outcome
-        arrives through the transition methods. FM's word wins for settled ones; a
-        partition FM dropped also loses its pod claim (the pod's GPUs are gone).
+        arrives through the transition methods. FM's word wins for settled ones and
+        settles UNKNOWN ones. A partition FM dropped keeps its claim: its pod still has
+        the GPUs, so nothing overlapping may be handed out until it is released. IDs FM
+        reports that are not in the table are ignored.
         """
         active = set(active_ids)
         corrected: set[int] = set()
         # Drops first, so a partition FM swapped for an overlapping one can be taken up.
         for pid in self.table.ids:
-            if self._phase[pid] is Phase.ACTIVE and pid not in active:
+            if self._phase[pid] in (Phase.ACTIVE, Phase.UNKNOWN) and pid not in active:
                 self._phase[pid] = Phase.INACTIVE
-                self._in_use.discard(pid)
                 corrected.add(pid)
         for pid in self.table.ids:
-            if self._phase[pid] is Phase.INACTIVE and pid in active:
+            if self._phase[pid] is Phase.UNKNOWN:  # occupied, so nothing overlapping is
+                self._phase[pid] = Phase.ACTIVE
+                corrected.add(pid)
+            elif self._phase[pid] is Phase.INACTIVE and pid in active:
                 if any(self.occupied(o) for o in self.table.overlapping(pid)):
                     continue  # cannot be true at FM; the next list settles it
                 self._phase[pid] = Phase.ACTIVE
@@ -378,7 +436,11 @@ class PartitionBook:
         return corrected
 
     def set_module_fault(self, module_id: int, reason: str | None) -> bool:
-        """Mark GPU ``module_id`` faulty (``reason``) or healthy (None). True if changed."""
+        """Mark GPU ``module_id`` faulty (``reason``) or healthy (None). True if changed.
+
+        Raises :class:`StateError` for a GPU in no partition.
+        """
+        self._known_module(module_id)
         if self._module_faults.get(module_id) == reason:
             return False
         if reason is None:
@@ -418,13 +480,13 @@ class PartitionBook:
 
     def drain(self, module_id: int) -> None:
         """Take GPU ``module_id`` out of the pool; partitions in use keep running."""
-        if module_id not in self.table.module_ids:
-            raise StateError(f"GPU {module_id} is in no partition")
+        self._known_module(module_id)
         if module_id not in self._drained:
             self._drained.add(module_id)
             self._changed()
 
     def undrain(self, module_id: int) -> None:
+        self._known_module(module_id)
         if module_id in self._drained:
             self._drained.discard(module_id)
             self._changed()
@@ -436,7 +498,7 @@ class PartitionBook:
             for b in occupied[i + 1 :]:
                 assert not self.table[a].overlaps(self.table[b]), (a, b)
         for pid in self._in_use:
-            assert self._phase[pid] in (Phase.ACTIVATING, Phase.ACTIVE), pid
+            assert self._phase[pid] is not Phase.DEACTIVATING, pid
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -444,6 +506,11 @@ class PartitionBook:
         if partition_id not in self._phase:
             raise UnknownPartition(partition_id)
         return partition_id
+
+    def _known_module(self, module_id: int) -> int:
+        if module_id not in self.table.module_ids:
+            raise StateError(f"GPU {module_id} is in no partition")
+        return module_id
 
     def _check_not_blocked(self, partition_id: int) -> None:
         blocker = self.blocker(partition_id)
