@@ -24,6 +24,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from api.asgi import BODY_TIMEOUT, MAX_BODY_BYTES, WholeExchanges
 from api.auth import Authorizer, TokenSource
 from api.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -59,23 +60,39 @@ _STATES = tuple(s.value for s in State)
 # Prometheus need, and Allocate keeps its latency. Probes and /metrics are not paced.
 REST_REQUESTS_PER_SECOND = 100.0
 REST_BURST = 40
+# The only body is {"force": bool}: depth 1. Deeper nesting is refused before json.loads,
+# which would raise RecursionError (a 500) somewhere near a thousand levels.
+MAX_JSON_DEPTH = 16
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
 
 
 class Pacer:
-    """Spaces requests ``1/rate`` seconds apart beyond a burst of ``burst`` (a virtual
-    schedule: each request takes the next slot and sleeps until it). Trio only."""
+    """Spaces requests ``1/rate`` seconds apart beyond a burst of ``burst``. Trio only.
+
+    Requests take their turn in arrival order (:class:`trio.Lock` is fair); the one at
+    the head sleeps until the next slot of a virtual schedule and claims the slot only
+    when it is granted. So a request cancelled while it waits (its client gave up, the
+    server stops) leaves the line without using a slot: cancelled waiters never push
+    later requests back, and the requests that stay are never granted early.
+    """
 
     def __init__(self, rate: float, burst: int) -> None:
+        if rate <= 0 or burst < 0:
+            raise ValueError(f"rate must be > 0 and burst >= 0, got {rate}, {burst}")
         self.interval = 1.0 / rate
         self.burst = burst
         self._next = 0.0
+        self._line = trio.Lock()
 
     async def wait(self) -> None:
-        now = trio.current_time()
-        slot = max(self._next, now - self.burst * self.interval)
-        self._next = slot + self.interval
-        if slot > now:
-            await trio.sleep_until(slot)
+        async with self._line:
+            now = trio.current_time()
+            slot = max(self._next, now - self.burst * self.interval)
+            if slot > now:
+                await trio.sleep_until(slot)
+            self._next = slot + self.interval
 
 
 def node_facts(config: Config | None) -> NodeFacts:
@@ -129,9 +146,33 @@ def _single_arg(name: str) -> str | None:
     return values[0] if values else None
 
 
+def _json_too_deep(data: bytes, limit: int) -> bool:
+    """Whether the JSON text ``data`` nests arrays/objects deeper than ``limit``. Brackets
+    inside strings do not count; unbalanced text is left to the parser to refuse."""
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def _load_json(data: bytes) -> Any:
+    """``data`` parsed as JSON; 400 problem when it is not JSON or nests absurdly deep."""
+    if _json_too_deep(data, MAX_JSON_DEPTH):
+        raise Problem("invalid-request", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem("invalid-request", f"the body is not JSON: {exc}") from None
+    except RecursionError:  # the depth check should make this unreachable; never a 500
+        raise Problem("invalid-request", "the body nests too deep to parse") from None
+
+
 async def _deactivate_body() -> bool:
     """``force`` from the optional ``{"force": bool}`` body; 400 problem when malformed."""
-    data = await request.get_data(as_text=False)
+    data = await request.get_data(cache=True, as_text=False, parse_form_data=False)
     if not data.strip():
         return False
     mimetype = request.mimetype
@@ -139,10 +180,7 @@ async def _deactivate_body() -> bool:
         raise Problem(
             "invalid-request", f"the body must be application/json, got {mimetype or 'none'}"
         )
-    try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Problem("invalid-request", f"the body is not JSON: {exc}") from None
+    body = _load_json(data)
     if not isinstance(body, dict) or set(body) - {"force"}:
         raise Problem("invalid-request", 'the body must be {"force": true|false} or empty')
     force = body.get("force", False)
@@ -156,17 +194,31 @@ def create_app(
     config: Config | None = None,
     *,
     rest_rate: float | None = REST_REQUESTS_PER_SECOND,
+    max_body: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> QuartTrio:
     """The ASGI app serving ``controller``'s node, configured by ``config.api``.
 
     Without ``config`` it uses :class:`ApiConfig`'s defaults: open reads, no token, so
     every mutation is refused with ``403 mutations-disabled``. ``/v1`` requests are paced
     to ``rest_rate`` per second (None: unpaced); see :data:`REST_REQUESTS_PER_SECOND`.
+
+    The app's ASGI entry is wrapped in :class:`api.asgi.WholeExchanges`: every body is
+    read whole (``max_body`` bytes within ``body_timeout`` seconds, else 413/408) before a
+    route runs, and the end of every answer is shielded, so a keep-alive connection is
+    always recycled or closed (see :mod:`api.asgi` for why). Serve the returned app as is
+    (``hypercorn.trio.serve(create_app(...), ...)``); Quart's ``test_client()`` goes
+    through the same wrapper.
     """
     api = config.api if config is not None else ApiConfig()
     facts = node_facts(config)
     auth = Authorizer(TokenSource(api.token_file), open_reads=api.open_reads)
     app = QuartTrio("nvswitch_dp")
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+    # Quart's documented place for ASGI middleware: the app stays a QuartTrio.
+    app.asgi_app = WholeExchanges(  # type: ignore[method-assign]
+        app.asgi_app, max_body=max_body, body_timeout=body_timeout
+    )
     # The unfiltered list is what dashboards and the benchmark poll: keep its bytes for
     # as long as the book has not changed (the book bumps its generation on every change).
     list_cache: dict[str, Any] = {"generation": None, "body": b""}

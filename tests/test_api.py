@@ -10,10 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 import yaml
 from quart.typing import TestClientProtocol as QuartClient
+from quart_trio import QuartTrio
 
-from api.app import create_app
+from api.app import MAX_JSON_DEPTH, Pacer, create_app
+from api.asgi import BODY_TIMEOUT, MAX_BODY_BYTES
 from api.problems import PROBLEM_TYPES, TYPE_BASE
 from nvswitch_dp.cli import simulated
 from nvswitch_dp.config import Config, with_overrides
@@ -32,6 +36,7 @@ OPENAPI = Path(__file__).resolve().parent.parent / "openapi.yaml"
 
 @dataclass
 class Api:
+    app: QuartTrio
     client: QuartClient
     controller: PartitionController
     config: Config
@@ -48,8 +53,14 @@ class Api:
 
 
 async def make_api(
-    tmp_path: Path, *, token: str | None = TOKEN, configured: bool = True, open_reads: bool = True
+    tmp_path: Path,
+    *,
+    token: str | None = TOKEN,
+    configured: bool = True,
+    open_reads: bool = True,
+    **app_options: Any,
 ) -> Api:
+    """The app on a simulated node; ``app_options`` go to :func:`create_app`."""
     token_file = tmp_path / "token"
     if token is not None:
         token_file.write_text(f"  {token}\n")
@@ -72,8 +83,8 @@ async def make_api(
         dev_root=Path(config.vfio.dev_root),
         metrics=Metrics(),
     )
-    app = create_app(controller, config)
-    return Api(app.test_client(), controller, config, token_file)
+    app = create_app(controller, config, **app_options)
+    return Api(app, app.test_client(), controller, config, token_file)
 
 
 @pytest.fixture
@@ -270,6 +281,81 @@ async def test_a_malformed_deactivate_body_is_400(api: Api, body: bytes, content
     assert api.controller.book.active_ids == frozenset({2})
 
 
+async def test_json_nesting_is_refused_before_the_parser_recurses(api: Api) -> None:
+    await api.client.post("/v1/partitions/2/activate", headers=AUTH)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    deep = b"[" * 5000 + b"]" * 5000
+    response = await api.client.post("/v1/partitions/2/deactivate", headers=headers, data=deep)
+    assert "deeper than" in (await problem(response, 400, "invalid-request"))["detail"]
+    # Brackets inside strings are text, not nesting.
+    quoted = b'{"force": "' + b"[{" * MAX_JSON_DEPTH + b'\\"]"}'
+    response = await api.client.post("/v1/partitions/2/deactivate", headers=headers, data=quoted)
+    assert "force must be" in (await problem(response, 400, "invalid-request"))["detail"]
+    nested = b'{"force": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    response = await api.client.post("/v1/partitions/2/deactivate", headers=headers, data=nested)
+    assert "force must be" in (await problem(response, 400, "invalid-request"))["detail"]
+    assert api.controller.book.active_ids == frozenset({2})
+
+
+async def test_a_body_over_the_limit_is_413_through_the_test_client_too(api: Api) -> None:
+    response = await api.client.post(
+        "/v1/partitions/2/deactivate", headers=AUTH, data=b" " * (MAX_BODY_BYTES + 1)
+    )
+    assert (await problem(response, 413, "content-too-large"))["max_bytes"] == MAX_BODY_BYTES
+
+
+async def test_cancelled_pacer_waiters_give_their_slots_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pacer = Pacer(rate=100.0, burst=40)
+    await trio.sleep(1.0)  # a full burst's credit
+    for _ in range(40):
+        await pacer.wait()  # the burst: no waiting
+    # 1,000 requests whose clients give up while they wait their turn.
+    async with trio.open_nursery() as nursery:
+        for _ in range(1000):
+            nursery.start_soon(pacer.wait)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    start = trio.current_time()
+    await pacer.wait()
+    assert trio.current_time() - start <= pacer.interval
+
+
+async def test_pacer_waiters_that_stay_keep_their_slots(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A cancellation never lets a waiting request go before its slot."""
+    pacer = Pacer(rate=10.0, burst=0)
+    granted: dict[str, float] = {}
+
+    async def request(name: str) -> None:
+        await pacer.wait()
+        granted[name] = trio.current_time()
+
+    await trio.sleep(1.0)
+    start = trio.current_time()
+    gives_up = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b"):
+            nursery.start_soon(request, name)
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(_until_cancelled, pacer, gives_up)
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("c", "d"):
+            nursery.start_soon(request, name)
+            await trio.testing.wait_all_tasks_blocked()
+        gives_up.cancel()
+    offsets = {name: round(t - start, 6) for name, t in granted.items()}
+    assert offsets == {"a": 0.0, "b": 0.1, "c": 0.2, "d": 0.3}
+
+
+async def _until_cancelled(pacer: Pacer, scope: trio.CancelScope) -> None:
+    with scope:
+        await pacer.wait()
+    assert scope.cancelled_caught
+
+
 async def test_drain_takes_every_partition_of_the_gpu_out_and_undrain_returns_them(
     api: Api,
 ) -> None:
@@ -315,6 +401,13 @@ def test_problem_types_in_openapi_match_the_code() -> None:
     assert documented == [TYPE_BASE + name for name in PROBLEM_TYPES]
     table = re.findall(r"^\| ([a-z-]+) \| (\d{3}) \|", spec["info"]["description"], re.M)
     assert table == [(name, str(status)) for name, (status, _) in PROBLEM_TYPES.items()]
+
+
+def test_openapi_states_the_body_limits_the_code_applies() -> None:
+    description = yaml.safe_load(OPENAPI.read_text())["info"]["description"]
+    assert f"at most\n{MAX_BODY_BYTES} bytes" in description
+    assert f"within {BODY_TIMEOUT:g} s" in description
+    assert f"deeper than {MAX_JSON_DEPTH}\nlevels" in description
 
 
 async def test_every_served_route_is_in_openapi(api: Api, tmp_path: Path) -> None:
