@@ -7,11 +7,14 @@ Production implementations live beside the I/O they do (``fabric/``, ``vfio/``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nvswitch_dp.fabric.types import FmReport
+
+if TYPE_CHECKING:  # the controller imports this module; a runtime import would be a cycle
+    from nvswitch_dp.controller import ContainerGrant
 
 
 class FabricManagerClient(Protocol):
@@ -60,3 +63,49 @@ class PodResourcesClient(Protocol):
     """
 
     async def list_assigned(self) -> Sequence[PodDevices]: ...
+
+
+# -- DRA mode ------------------------------------------------------------------------------
+
+
+class PartitionHolder(Protocol):
+    """The node core, as DRA mode's Prepare and Unprepare use it: partitions held by claims.
+
+    Every method runs on the daemon's Trio thread. The holder owns the partition state;
+    callers own nothing they get back (a :class:`~nvswitch_dp.controller.ContainerGrant`
+    is a value).
+    """
+
+    async def hold_for_claim(self, claim_uid: str, partition_id: int) -> ContainerGrant:
+        """Hold and activate ``partition_id`` for the claim, atomically.
+
+        Idempotent for the same uid and partition (a retried Prepare gets the same grant).
+        Raises :class:`~nvswitch_dp.dra.errors.ClaimRefused` when the partition is
+        blocked, unhealthy, held by another claim, or FM fails; nothing is left half done
+        and the message says what to ask for or when to retry.
+        """
+        ...
+
+    async def release_claim(self, claim_uid: str) -> None:
+        """Drop the claim's hold and deactivate its partition; an unknown uid: nothing to do.
+
+        An FM failure leaves the partition queued for deactivation (retried), not an error.
+        """
+        ...
+
+    def restore_claims(self, holdings: Mapping[str, int]) -> None:
+        """At start, from the checkpoint: claim uid -> partition held (never deactivated)."""
+        ...
+
+
+class ClaimReader(Protocol):
+    """Reads ResourceClaims (``resource.k8s.io/v1``) from the API server.
+
+    Errors: :class:`~nvswitch_dp.dra.errors.ClaimNotFound` when the API server answers
+    404; :class:`~nvswitch_dp.dra.errors.ClaimUnreadable` for any other failure
+    (unreachable, unauthorized, 5xx), with the cause in the message.
+    """
+
+    async def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
+        """The ResourceClaim object as the API server returns it (a JSON dict)."""
+        ...
