@@ -755,7 +755,10 @@ class Campaign:
     def _pick_allocation(self, *, scheduler: bool = True) -> AllocationSpec:
         rng = self.rng
         size = rng.choice(self.table.sizes())
-        pool = self._healthy_devices(size) if scheduler else []
+        # The kubelet offers Healthy devices no pod of its own holds; the rest of the
+        # time anything, a container restart's re-Allocate of a held one included.
+        held = self.model.held
+        pool = [p for p in self._healthy_devices(size) if p not in held] if scheduler else []
         if not pool:
             pool = self.table.of_size(size)
         count = 2 if size == 1 and len(pool) > 1 and rng.random() < 0.3 else 1
@@ -1035,6 +1038,10 @@ class Campaign:
         self.model.pods[name] = pod
         self._say(f"admitted {name} holding {sorted(partitions)}")
 
+    def _end_pods_holding(self, pid: int, *, why: str) -> None:
+        for name in sorted(n for n, pod in self.model.pods.items() if pid in pod.partitions):
+            self._end_pod(name, why=why)
+
     def _end_pod(self, name: str, *, why: str) -> None:
         pod = self.model.pods.pop(name, None)
         if pod is None:
@@ -1187,9 +1194,11 @@ class Campaign:
                         f"REST deactivate of partition {target} (held by {held[target]}) "
                         "without force answered 200",
                     )
-                    self._end_pod(held[target], why="lost its partition")
+                    self._end_pods_holding(target, why="lost its partition")
                 elif target in held:
-                    self._end_pod(held[target], why="lost its partition to a forced deactivation")
+                    self._end_pods_holding(
+                        target, why="lost its partition to a forced deactivation"
+                    )
                 self.model.prewarmed.discard(target)
         elif kind == "rest-drain":
             status, body = self.rest("POST", f"/v1/gpus/{target}/drain")
@@ -1225,13 +1234,13 @@ class Campaign:
             tuple(int(x) for x in k.split()[1:]) not in pairs
         }  # fmt: skip
         for pid, pod in sorted(self.model.held.items()):
-            if pid not in active:
+            if pid not in active and pid in self.model.held:
                 self.violate(
                     "held",
                     f"partition {pid}, held by {pod} (its Allocate answered OK), is inactive "
                     f"in FM (active: {sorted(active)})",
                 )
-                self._end_pod(pod, why="lost its partition")
+                self._end_pods_holding(pid, why="lost its partition")
         process = self.daemon.process if self.daemon is not None else None
         if process is not None and process.poll() is not None:
             self._daemon_failed(f"exited with {process.returncode}")
