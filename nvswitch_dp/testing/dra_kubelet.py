@@ -364,12 +364,14 @@ class DraKubeletStandIn:
                     driver, plugin_channel, pb_grpc.DRAPluginStub(plugin_channel), pb
                 )
                 self._seen[path] = _Seen(ident, info.name)
-                self._registrations += 1
                 self._bump()
             if old is not None:
                 old.channel.close()
             self._emit(f"kubelet: registered DRA driver {info.name} at {endpoint} ({service})")
             self._notify(stub, path, True, "")
+            with self._changed:  # counted once the plugin has heard the verdict
+                self._registrations += 1
+                self._bump()
         finally:
             channel.close()
 
@@ -432,7 +434,7 @@ class DraKubeletStandIn:
 
     @property
     def registrations(self) -> int:
-        """How many registrations were accepted since construction."""
+        """How many registrations were accepted and notified since construction."""
         with self._changed:
             return self._registrations
 
