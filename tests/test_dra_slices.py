@@ -11,6 +11,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from dra_helpers import inputs_for, table_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,35 +33,6 @@ from nvswitch_dp.testing.dra_allocator import Allocator, gpu_claim, partition_cl
 TABLES_JSON = Path("/work/shared/reference/partition-tables.json")
 K8S_VERSIONS = ("1.36.0", "1.37.0")
 Slice = dict[str, Any]
-
-
-def table_of(name: str) -> PartitionTable:
-    return PartitionTable.from_rows((pid, mods) for pid, mods, _ in platform(name).rows)
-
-
-def inputs_for(
-    name: str,
-    *,
-    node: str = "node-a",
-    gpu_problems: Mapping[int, str] | None = None,
-    partition_problems: Mapping[int, str] | None = None,
-    missing: frozenset[int] = frozenset(),
-) -> PoolInputs:
-    p = platform(name)
-    gpus = {
-        m: GpuSlot(m, address, 40 + m, p.numa_node(m))
-        for m, address in p.module_map().items()
-        if m not in missing
-    }
-    return PoolInputs(
-        node,
-        DEFAULT_DRIVER,
-        name,
-        table_of(name),
-        gpus,
-        gpu_problems or {},
-        partition_problems or {},
-    )
 
 
 def devices(slices: list[Slice]) -> dict[str, dict[str, Any]]:

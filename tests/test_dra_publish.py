@@ -1,0 +1,225 @@
+"""The pool publisher against the API-server stand-in, over real HTTP through lightkube."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from dra_helpers import inputs_for
+
+from nvswitch_dp.dra.kube import KubeClient
+from nvswitch_dp.dra.publish import PoolPublisher
+from nvswitch_dp.dra.slices import PoolInputs, build_pool, without_generation
+from nvswitch_dp.dra.validation import check_pool
+from nvswitch_dp.testing.apiserver import ApiServer
+
+TOKEN = "publisher-test-token"
+DEVICES = "node-a-gpu-nvswitch-dp-io-devices-0"
+
+
+class Node:
+    """Plays the lead's node: inputs now, and a change counter to wait on."""
+
+    def __init__(self, inputs: PoolInputs) -> None:
+        self.inputs = inputs
+        self.changes = 0
+        self._event = trio.Event()
+
+    def source(self) -> PoolInputs:
+        return self.inputs
+
+    async def wait_for_change(self, last: int) -> int:
+        while self.changes == last:
+            await self._event.wait()
+        return self.changes
+
+    def change(
+        self,
+        *,
+        gpu_problems: Mapping[int, str] | None = None,
+        partition_problems: Mapping[int, str] | None = None,
+    ) -> None:
+        if gpu_problems is not None:
+            self.inputs = replace(self.inputs, gpu_problems=gpu_problems)
+        if partition_problems is not None:
+            self.inputs = replace(self.inputs, partition_problems=partition_problems)
+        self.changes += 1
+        self._event.set()
+        self._event = trio.Event()
+
+
+@pytest.fixture
+def server() -> Iterator[ApiServer]:
+    with ApiServer(token=TOKEN) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: ApiServer, tmp_path: Path) -> AsyncIterator[KubeClient]:
+    async with KubeClient.from_kubeconfig(server.write_kubeconfig(tmp_path / "kubeconfig")) as c:
+        yield c
+
+
+def publisher(client: KubeClient, node: Node, *, resync_s: float = 60.0) -> PoolPublisher:
+    return PoolPublisher(
+        client,
+        node.source,
+        node.wait_for_change,
+        backoff_first_s=0.02,
+        backoff_cap_s=0.1,
+        resync_s=resync_s,
+    )
+
+
+def pool_in(server: ApiServer) -> list[dict[str, Any]]:
+    return [s for s in server.store.slices() if s["spec"]["nodeName"] == "node-a"]
+
+
+def assert_matches(server: ApiServer, inputs: PoolInputs, generation: int) -> None:
+    stored = pool_in(server)
+    assert check_pool(stored) == []
+    assert [without_generation(s) for s in stored] == [
+        without_generation(s) for s in build_pool(inputs, generation)
+    ]
+    assert {s["spec"]["pool"]["generation"] for s in stored} == {generation}
+
+
+async def test_publishes_then_follows_a_gpu_fault(server: ApiServer, client: KubeClient) -> None:
+    node = Node(inputs_for("hgx-h200"))
+    pub = publisher(client, node)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(pub.run)
+        assert pub.problem is None and pub.generation == 1 and pub.writes == 1
+        assert_matches(server, node.inputs, 1)
+        node.change(gpu_problems={3: "XID 79"})
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.generation == 2)
+        assert_matches(server, node.inputs, 2)
+        names = {d["name"] for s in pool_in(server) for d in s["spec"].get("devices") or []}
+        assert "gpu-3" not in names and "partition-1" not in names and "partition-2" in names
+        # Back healthy: the devices return, at a higher generation again.
+        node.change(gpu_problems={})
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.generation == 3)
+        assert_matches(server, node.inputs, 3)
+        # A change that changes nothing writes nothing.
+        node.change(gpu_problems={})
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.rounds >= 4)
+        assert pub.writes == 3 and pub.generation == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_restart_with_equal_content_writes_nothing(
+    server: ApiServer, client: KubeClient
+) -> None:
+    node = Node(inputs_for("hgx-h200"))
+    first = publisher(client, node)
+    assert await first.publish_once(node.inputs)
+    versions = [s["metadata"]["resourceVersion"] for s in pool_in(server)]
+    again = publisher(client, node)
+    assert not await again.publish_once(node.inputs)
+    assert again.generation == 1
+    assert [s["metadata"]["resourceVersion"] for s in pool_in(server)] == versions
+
+
+async def test_stale_slices_are_removed_and_others_kept(
+    server: ApiServer, client: KubeClient
+) -> None:
+    node = Node(inputs_for("hgx-h200"))
+    old = build_pool(inputs_for("hgx-h200"), 5)[1]
+    old["metadata"]["name"] = "node-a-left-by-an-old-version"
+    await client.create_slice(old)
+    other_node = build_pool(inputs_for("hgx-h200", node="node-b"), 1)[0]
+    await client.create_slice(other_node)
+    pub = publisher(client, node)
+    assert await pub.publish_once(node.inputs)
+    assert pub.generation == 6  # above the highest found
+    assert_matches(server, node.inputs, 6)
+    assert [
+        s["metadata"]["name"] for s in server.store.slices() if s["spec"]["nodeName"] == "node-b"
+    ] == [other_node["metadata"]["name"]]
+    # A shrinking pool (every GPU drained) drops its device slice.
+    node.change(gpu_problems={m: "drained" for m in range(1, 9)})
+    assert await pub.publish_once(node.inputs)
+    assert [s["metadata"]["name"] for s in pool_in(server)] == [
+        "node-a-gpu-nvswitch-dp-io-counters"
+    ]
+    assert_matches(server, node.inputs, 7)
+
+
+async def test_conflict_is_retried_from_a_fresh_read(server: ApiServer, client: KubeClient) -> None:
+    node = Node(inputs_for("hgx-h200"))
+    pub = publisher(client, node)
+    assert await pub.publish_once(node.inputs)
+    server.store.modify_behind(DEVICES)  # another writer, between our read and our write
+    node.change(partition_problems={2: "FM refuses"})
+    assert await pub.publish_once(node.inputs)
+    assert 409 in server.store.codes("PUT")
+    # The second round saw generation 2 on the counters slice and moved above it.
+    assert_matches(server, node.inputs, pub.generation)
+    assert pub.generation == 3
+
+
+async def test_api_server_outage_is_survived(server: ApiServer, client: KubeClient) -> None:
+    node = Node(inputs_for("hgx-h200"))
+    pub = publisher(client, node)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(pub.run)
+        server.stop()
+        node.change(gpu_problems={5: "fault"})
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.problem is not None and p.rounds >= 3)
+        assert pub.problem is not None and "ConnectError" in pub.problem
+        assert pub.generation == 1
+        server.start()  # same port, same objects
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.problem is None)
+        assert pub.generation == 2
+        assert_matches(server, node.inputs, 2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_start_during_an_outage_does_not_block(server: ApiServer, client: KubeClient) -> None:
+    server.stop()
+    node = Node(inputs_for("hgx-h200"))
+    pub = publisher(client, node)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(pub.run)
+        assert pub.problem is not None and pub.writes == 0
+        server.start()
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.problem is None)
+        assert_matches(server, node.inputs, 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_rejected_pool_is_reported(server: ApiServer, client: KubeClient) -> None:
+    node = Node(replace(inputs_for("hgx-h200"), platform="p" * 65))  # string attribute > 64
+    pub = publisher(client, node)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(pub.run)
+        assert pub.problem is not None and "422 Invalid" in pub.problem
+        assert "spec.devices[0].attributes[platform]" in pub.problem
+        nursery.cancel_scope.cancel()
+
+
+async def test_resync_restores_a_deleted_slice(server: ApiServer, client: KubeClient) -> None:
+    node = Node(inputs_for("hgx-h200"))
+    pub = publisher(client, node, resync_s=0.05)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(pub.run)
+        await client.delete_slice(DEVICES)
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.writes == 2)
+        assert_matches(server, node.inputs, 2)
+        nursery.cancel_scope.cancel()
