@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from dra_helpers import DRIVER, NODE, MemoryClaims, allocated_claim, build_node, ref_of
+from dra_node import DRIVER, NODE, MemoryClaims, allocated_claim, build_node, ref_of
 
 from nvswitch_dp.dra.checkpoint import Checkpoint, PreparedClaim
 from nvswitch_dp.dra.driver import ClaimRef, allocated_devices, resolve_partition
@@ -325,3 +325,41 @@ async def test_claims_the_api_server_forgot_are_cleaned_up_and_kept_while_it_is_
     assert await restarted.fm_active() == [5]
     assert set(restarted.checkpoint.load()) == {ref_of(kept).uid}
     assert restarted.cdi.claim_uids() == {ref_of(kept).uid}
+
+
+async def test_many_claims_prepared_at_once_are_all_checkpointed(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    node = await build_node(tmp_path, nursery)
+    claims = [allocated_claim(f"pod{m}", [("gpu", f"gpu-{m}")]) for m in range(1, 9)]
+    for claim in claims:
+        node.claims.put(claim)
+    results = await node.driver.prepare([ref_of(c) for c in claims])
+    assert {uid: r.error for uid, r in results.items()} == {ref_of(c).uid: "" for c in claims}
+    assert set(node.checkpoint.load()) == {ref_of(c).uid for c in claims}
+    assert await node.fm_active() == list(range(7, 15))
+    errors = await node.driver.unprepare([ref_of(c) for c in claims])
+    assert set(errors.values()) == {""}
+    assert node.checkpoint.load() == {}
+    assert await node.fm_active() == []
+
+
+async def test_a_prepare_cancelled_by_the_kubelet_deadline_is_finished_not_half_done(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    node = await build_node(tmp_path, nursery)
+    node.inject(activation_delay_s=0.3)
+    claim = allocated_claim("vm", [("gpu", "partition-2")])
+    node.claims.put(claim)
+    ref = ref_of(claim)
+    with trio.move_on_after(0.05) as deadline:
+        await node.driver.prepare([ref])
+    assert deadline.cancel_called  # the deadline passed while FM was activating
+    # The work went on to the end: held, active, CDI spec and checkpoint written.
+    assert node.checkpoint.load()[ref.uid].cdi_ids == (f"nvswitch-dp.io/partition={ref.uid}",)
+    assert node.cdi.claim_uids() == {ref.uid}
+    assert await node.fm_active() == [2]
+    retried = (await node.driver.prepare([ref]))[ref.uid]
+    assert retried.error == "" and retried.devices[0].device == "partition-2"
+    assert await node.driver.unprepare([ref]) == {ref.uid: ""}
+    assert await node.fm_active() == []

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 import trio_asyncio
-from dra_helpers import DRIVER, NODE, DraNode, allocated_claim, build_node, ref_of
+from dra_node import DRIVER, NODE, DraNode, allocated_claim, build_node, ref_of
 
 from nvswitch_dp.dra.kubelet import (
     DRA_SOCKET,
