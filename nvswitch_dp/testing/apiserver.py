@@ -371,8 +371,10 @@ class ApiStore:
                 spec_changed = body.get("spec") != current.get("spec")
                 stored = copy.deepcopy(body)
                 stored["metadata"].update(kept)
-                if "status" in current and resource == "resourceclaims":
-                    stored["status"] = copy.deepcopy(current["status"])  # status only via /status
+                if resource == "resourceclaims":  # status changes only through /status
+                    stored.pop("status", None)
+                    if "status" in current:
+                        stored["status"] = copy.deepcopy(current["status"])
                 stored["metadata"]["generation"] = current["metadata"].get("generation", 1) + int(
                     spec_changed
                 )
