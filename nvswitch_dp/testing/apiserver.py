@@ -442,6 +442,10 @@ _ROUTE = re.compile(
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as a client pool expects
+    # Headers and body leave in separate writes; with Nagle's algorithm and the client's
+    # delayed ACK each answer would wait ~40 ms. Go's net/http (the real one) sets
+    # TCP_NODELAY too.
+    disable_nagle_algorithm = True
     server: _HttpServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read store.requests
