@@ -2,6 +2,7 @@
 
     python benchmarks/faults.py [--seed 1] [--steps 2000] [--backend simulator|fmpm|both]
                                 [--verbose] [--script 'kind=arg;kind=arg;...']
+                                [--workdir DIR] [--reconcile S] [--grace S] [--slack S]
 
 For each backend: a fresh simulated HGX H200 node (``nvswitch-dp run --simulate
 hgx-h200`` as a process, the grpcio kubelet and PodResources stand-ins, the REST API with
@@ -16,6 +17,7 @@ violated. Supervision period 1 s, release grace 2 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reconcile", type=float, default=1.0, help="supervision period (s)")
     parser.add_argument("--grace", type=float, default=2.0, help="release grace (s)")
     parser.add_argument("--slack", type=float, default=2.0, help="allowed beyond the bound")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep each node (daemon.log, FM state) in DIR/BACKEND"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -89,9 +94,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for backend in backends:
-        with tempfile.TemporaryDirectory(prefix=f"nvswitch-dp-faults-{backend}-") as tmp:
+        with contextlib.ExitStack() as stack:
+            if args.workdir is not None:
+                workdir = args.workdir / backend
+                if workdir.exists():
+                    parser.error(f"{workdir} exists; pick a new --workdir")
+            else:
+                prefix = f"nvswitch-dp-faults-{backend}-"
+                workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
             result = run_campaign(
-                Path(tmp),
+                workdir,
                 backend,
                 args.seed,
                 args.steps,

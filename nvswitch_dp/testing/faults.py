@@ -532,6 +532,8 @@ class Campaign:
         self.trail: list[str] = []
         self.step_index = 0
         self._reported: set[str] = set()
+        # Held partitions whose forced deactivation failed: still the pod's (noted in reports).
+        self.force_failed: set[int] = set()
         token = workdir / "token"
         config = workdir / "config.yaml"
         fm_state = workdir / "fm" / "fabricmanager.state"
@@ -1047,6 +1049,7 @@ class Campaign:
         if pod is None:
             return
         self.pods.unassign(NAMESPACE, name)
+        self.force_failed -= pod.partitions
         self._say(f"{name} {why}; it held {sorted(pod.partitions)}")
 
     # daemon
@@ -1200,6 +1203,8 @@ class Campaign:
                         target, why="lost its partition to a forced deactivation"
                     )
                 self.model.prewarmed.discard(target)
+            elif force and target in held:
+                self.force_failed.add(target)
         elif kind == "rest-drain":
             status, body = self.rest("POST", f"/v1/gpus/{target}/drain")
             if status == 200:
@@ -1235,10 +1240,11 @@ class Campaign:
         }  # fmt: skip
         for pid, pod in sorted(self.model.held.items()):
             if pid not in active and pid in self.model.held:
+                after = " after a forced deactivation failed" if pid in self.force_failed else ""
                 self.violate(
                     "held",
                     f"partition {pid}, held by {pod} (its Allocate answered OK), is inactive "
-                    f"in FM (active: {sorted(active)})",
+                    f"in FM{after} (active: {sorted(active)})",
                 )
                 self._end_pods_holding(pid, why="lost its partition")
         process = self.daemon.process if self.daemon is not None else None
@@ -1253,6 +1259,26 @@ class Campaign:
             status, body = self.rest("GET", "/healthz")
             if status != 200:
                 self.violate("serving", f"/healthz answered {status}: {body}")
+            self._check_held_in_use()
+
+    def _check_held_in_use(self) -> None:
+        """Check 2, the daemon's side: what a pod holds it counts in use (else a plain
+        deactivate, or set-activated after an FM restart, would take it from the pod)."""
+        status, body = self.rest("GET", "/v1/partitions")
+        if status != 200 or not isinstance(body, dict):
+            self.violate("serving", f"GET /v1/partitions answered {status}: {body}")
+            return
+        views = {int(p["id"]): p for p in body["partitions"]}
+        for pid, pod in sorted(self.model.held.items()):
+            view = views.get(pid)
+            if view is not None and not view.get("in_use"):
+                after = " after a forced deactivation failed" if pid in self.force_failed else ""
+                self.violate(
+                    "held",
+                    f"partition {pid}, held by {pod} (its Allocate answered OK), is not in use "
+                    f"in the daemon{after}: state {view.get('state')}, phase {view.get('phase')}",
+                    key=f"not in use {pid} {pod}",
+                )
 
     def observe(self) -> Observation:
         """Read FM, REST and the kubelet stand-in once."""
