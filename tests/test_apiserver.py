@@ -17,8 +17,10 @@ import pytest
 import trio
 from dra_helpers import inputs_for
 
+from nvswitch_dp.dra import errors
 from nvswitch_dp.dra.kube import (
     ClaimNotFound,
+    ClaimUnreadable,
     KubeClient,
     KubeConfigError,
     KubeRejected,
@@ -205,16 +207,19 @@ async def test_client_reads_claims_and_maps_errors(server: ApiServer, tmp_path: 
         assert got["spec"]["devices"]["requests"][0]["exactly"]["deviceClassName"] == (
             "gpu.gpu.nvswitch-dp.io"
         )
-        with pytest.raises(ClaimNotFound, match="vms/absent not found"):
+        with pytest.raises(errors.ClaimNotFound, match="vms/absent does not exist") as absent:
             await client.get_claim("vms", "absent")
+        assert isinstance(absent.value, ClaimNotFound) and absent.value.name == "absent"
         bad = a_slice()
         bad["spec"]["driver"] = "Not A Driver"
         with pytest.raises(KubeRejected) as rejected:
             await client.create_slice(bad)
         assert rejected.value.code == 422 and rejected.value.causes[0].field == "spec.driver"
         server.stop()
-        with pytest.raises(KubeUnavailable, match="ConnectError"):
+        with pytest.raises(errors.ClaimUnreadable, match="ConnectError") as unreadable:
             await client.get_claim("vms", "vm-gpus")
+        assert isinstance(unreadable.value, ClaimUnreadable)
+        assert isinstance(unreadable.value.cause, KubeUnavailable)
 
 
 async def test_wrong_token_is_rejected(server: ApiServer, tmp_path: Path) -> None:

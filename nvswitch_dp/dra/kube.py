@@ -20,7 +20,9 @@ the in-cluster service account. The environment's proxy variables are not used.
 
 Errors, one class per failure (all :class:`KubeError`):
 :class:`KubeUnavailable` (no answer, 5xx, 429: retry later), :class:`SliceConflict` (409:
-re-read, then retry), :class:`ClaimNotFound` (404 on a claim), :class:`KubeRejected`
+re-read, then retry), :class:`ClaimNotFound` (404 on a claim) and :class:`ClaimUnreadable`
+(any other failure reading one; both also the port's errors of
+:mod:`nvswitch_dp.dra.errors`), :class:`KubeRejected`
 (any other 4xx, with the API server's reason and causes: retrying the same request will
 not help), :class:`KubeConfigError` (no usable configuration).
 """
@@ -37,6 +39,8 @@ from typing import Any, cast
 import httpx2
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
+
+from nvswitch_dp.dra import errors
 
 DEFAULT_TIMEOUT_S = 10.0
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -59,13 +63,19 @@ class SliceConflict(KubeError):
     """409: the slice changed since it was read (or already exists): re-read, then retry."""
 
 
-class ClaimNotFound(KubeError):
-    """The ResourceClaim does not exist (404): it was deleted, or never was."""
+class ClaimNotFound(errors.ClaimNotFound, KubeError):
+    """The ResourceClaim does not exist (404): it was deleted, or never was. Also the
+    kubelet side's :class:`nvswitch_dp.dra.errors.ClaimNotFound` (the ClaimReader port)."""
 
-    def __init__(self, namespace: str, name: str) -> None:
-        super().__init__(f"ResourceClaim {namespace}/{name} not found in the API server")
-        self.namespace = namespace
-        self.name = name
+
+class ClaimUnreadable(errors.ClaimUnreadable, KubeError):
+    """Reading a ResourceClaim failed otherwise (unreachable, 401/403, 5xx); ``cause`` is
+    the mapped :class:`KubeError`. Also the port's
+    :class:`nvswitch_dp.dra.errors.ClaimUnreadable`."""
+
+    def __init__(self, cause: KubeError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -250,12 +260,14 @@ class KubeClient:
             raise self._failure(f"delete ResourceSlice {name}", exc) from exc
 
     async def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
-        """The ResourceClaim ``namespace/name`` as a dict (the kubelet side's
-        ``ClaimReader``). :class:`ClaimNotFound` on 404."""
+        """The ResourceClaim ``namespace/name`` as a dict (this is the
+        :class:`nvswitch_dp.ports.ClaimReader`). :class:`ClaimNotFound` on 404,
+        :class:`ClaimUnreadable` for any other failure."""
         try:
             claim = await self._client.get(ResourceClaim, name, namespace=namespace)
         except (httpx2.HTTPError, ValueError) as exc:
             if isinstance(exc, httpx2.HTTPStatusError) and exc.response.status_code == 404:
                 raise ClaimNotFound(namespace, name) from exc
-            raise self._failure(f"get ResourceClaim {namespace}/{name}", exc) from exc
+            failure = self._failure(f"get ResourceClaim {namespace}/{name}", exc)
+            raise ClaimUnreadable(failure) from exc
         return _as_dict(claim)
