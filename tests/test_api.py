@@ -25,7 +25,7 @@ from nvswitch_dp.controller import PartitionController
 from nvswitch_dp.daemon import build_fabric_client, discover_node
 from nvswitch_dp.fabric.simulator import SimulatorStore, inject_fault
 from nvswitch_dp.metrics import Metrics
-from nvswitch_dp.partitions.state import PartitionBook
+from nvswitch_dp.partitions.state import PartitionBook, Phase, State
 from nvswitch_dp.partitions.table import PartitionTable
 
 TOKEN = "s3cret-token"
@@ -401,6 +401,12 @@ def test_problem_types_in_openapi_match_the_code() -> None:
     assert documented == [TYPE_BASE + name for name in PROBLEM_TYPES]
     table = re.findall(r"^\| ([a-z-]+) \| (\d{3}) \|", spec["info"]["description"], re.M)
     assert table == [(name, str(status)) for name, (status, _) in PROBLEM_TYPES.items()]
+
+
+def test_partition_states_and_phases_in_openapi_match_the_code() -> None:
+    schemas = yaml.safe_load(OPENAPI.read_text())["components"]["schemas"]
+    assert schemas["PartitionState"]["enum"] == [s.value for s in State]
+    assert schemas["PartitionPhase"]["enum"] == [p.value for p in Phase]
 
 
 def test_openapi_states_the_body_limits_the_code_applies() -> None:

@@ -4,8 +4,10 @@ by outside tools: schemathesis against openapi.yaml, a client generated from ope
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import re
 import ssl
 import subprocess
@@ -71,7 +73,45 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
             process.terminate()
 
 
-def test_schemathesis_finds_no_deviation_from_openapi(daemon: DaemonProcess) -> None:
+def daemon_sockets(daemon: DaemonProcess) -> int:
+    """Open sockets of the daemon process (``/proc/<pid>/fd`` entries that are sockets)."""
+    assert daemon.process is not None
+    count = 0
+    for fd in Path(f"/proc/{daemon.process.pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def daemon_resources(
+    daemon: DaemonProcess, expected: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(living Trio tasks from ``/healthz``, open sockets of the daemon).
+
+    Without ``expected``: once two readings in a row agree (the connection that asked
+    has gone). With it: once a reading equals it, else the reading after 15 s. A
+    connection its client closed keeps its task and socket until Hypercorn's keep-alive
+    timer ends (5 s, ``keep_alive_timeout``), so the wait is longer than that.
+    """
+    previous = None
+    deadline = time.monotonic() + 15
+    while True:
+        reading = (daemon.get("/healthz")[1]["tasks"], daemon_sockets(daemon))
+        settled = reading == expected if expected is not None else reading == previous
+        if settled or time.monotonic() > deadline:
+            return reading
+        previous = reading
+        time.sleep(0.2)
+
+
+def test_schemathesis_finds_no_deviation_from_openapi(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """Every answer conforms to openapi.yaml; no request hangs, and the run leaves no task
+    or socket behind. The 1 s bound is a hang detector (a loopback answer takes
+    milliseconds; a connection that stopped answering never answers), not a speed goal."""
+    before = daemon_resources(daemon)
+    har = tmp_path / "schemathesis.har"
     result = subprocess.run(
         [
             str(BIN / "schemathesis"), "run", str(OPENAPI),
@@ -80,7 +120,10 @@ def test_schemathesis_finds_no_deviation_from_openapi(daemon: DaemonProcess) -> 
             "--checks", "all",
             "--max-examples", "30",
             "--seed", "20261128",
-            "--request-timeout", "10",
+            "--request-timeout", "5",
+            "--max-response-time", "1",
+            "--report", "har",
+            "--report-har-path", str(har),
             "--no-color",
         ],
         capture_output=True,
@@ -91,6 +134,12 @@ def test_schemathesis_finds_no_deviation_from_openapi(daemon: DaemonProcess) -> 
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "No issues found" in result.stdout
     assert re.search(r"Tested: 12\b", result.stdout), result.stdout[-3000:]
+    entries = json.loads(har.read_text())["log"]["entries"]
+    slowest = max(entries, key=lambda e: e["time"])
+    assert len(entries) > 500 and slowest["time"] < 1000, (
+        len(entries), slowest["time"], slowest["request"]["method"], slowest["request"]["url"],
+    )  # fmt: skip
+    assert daemon_resources(daemon, expected=before) == before  # (tasks, sockets)
     # The token made the mutations go through, not just their refusals.
     metrics = daemon.get("/metrics")[1]
     assert re.search(
