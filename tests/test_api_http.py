@@ -12,6 +12,7 @@ answers a loopback request in milliseconds, a broken one never does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,20 +52,23 @@ class RawConnection:
         self.buffer = b""
 
     async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+        """Write ``data``; a server that closed the connection is not an error here (the
+        next :meth:`reply` says None)."""
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self.stream.send_all(data)
 
     async def _fill(self) -> bool:
-        data = await self.stream.receive_some(65536)
+        try:
+            data = await self.stream.receive_some(65536)
+        except trio.BrokenResourceError:  # reset: the server closed with our bytes unread
+            return False
         self.buffer += data
         return bool(data)
 
     async def reply(self) -> Reply | None:
         """The next answer, or None when the server closed the connection first."""
         while b"\r\n\r\n" not in self.buffer:
-            try:
-                if not await self._fill():
-                    return None
-            except trio.BrokenResourceError:  # reset: closed with our bytes unread
+            if not await self._fill():
                 return None
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
         status_line, *lines = head.decode("latin-1").split("\r\n")
@@ -170,9 +174,10 @@ async def test_an_answer_before_the_body_leaves_the_connection_usable_or_closed(
             await connection.send(b"GET /v1/partitions/8 HTTP/1.1\r\nHost: t\r\n\r\n")
             with trio.fail_after(HANG):
                 first = await connection.reply()
-                assert first is not None and first.status == status
+                second = await connection.reply() if first is not None else None
+            if first is not None:
+                assert first.status == status, first
                 assert first.headers["content-type"] == "application/problem+json"
-                second = await connection.reply()
             assert second is None or second.status == 200, second
             if second is not None:
                 assert second.json()["id"] == 8
