@@ -737,7 +737,7 @@ class Campaign:
             self.result.steps += 1
             if step.kind == "settle":
                 self.trail = []
-        if not self.trail or self.trail[-1] != "settle":
+        if self.result.steps == 0 or self.trail:  # the last step was not a settle
             self.step_index += 1
             self.trail.append("settle")
             self.execute(Step("settle"))
