@@ -62,9 +62,9 @@ MAX_BODY_BYTES = 64 * 1024
 # A client that declared a body has this long to send all of it. Loopback and cluster
 # clients send 64 KiB in far less; without a bound a stalled client holds a task forever.
 BODY_TIMEOUT = 10.0
-# The final send only writes the last bytes (already in the socket buffer for small
-# answers) and runs Hypercorn's bookkeeping: microseconds. The deadline bounds the shield
-# should a client stop reading mid-answer.
+# The final send writes the last bytes and runs Hypercorn's bookkeeping (close, or recycle
+# and restart the keep-alive timer): microseconds. Hypercorn shields its socket writes
+# itself; this deadline bounds the rest, so the shield can never hold a task for long.
 FINAL_SEND_GRACE = 5.0
 
 

@@ -17,7 +17,7 @@ from quart.typing import TestClientProtocol as QuartClient
 from quart_trio import QuartTrio
 
 from api.app import MAX_JSON_DEPTH, Pacer, create_app
-from api.asgi import BODY_TIMEOUT, MAX_BODY_BYTES
+from api.asgi import BODY_TIMEOUT, MAX_BODY_BYTES, WholeExchanges
 from api.problems import PROBLEM_TYPES, TYPE_BASE
 from nvswitch_dp.cli import simulated
 from nvswitch_dp.config import Config, with_overrides
@@ -302,6 +302,24 @@ async def test_a_body_over_the_limit_is_413_through_the_test_client_too(api: Api
         "/v1/partitions/2/deactivate", headers=AUTH, data=b" " * (MAX_BODY_BYTES + 1)
     )
     assert (await problem(response, 413, "content-too-large"))["max_bytes"] == MAX_BODY_BYTES
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0.0, 40), (-1.0, 40), (100.0, -1)])
+def test_a_pacer_refuses_a_rate_or_burst_it_cannot_keep(rate: float, burst: int) -> None:
+    with pytest.raises(ValueError, match="rate must be > 0"):
+        Pacer(rate, burst)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"max_body": -1}, {"body_timeout": 0.0}, {"final_send_grace": -1.0}],
+)
+def test_the_body_layer_refuses_limits_it_cannot_apply(limits: dict[str, Any]) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="max_body must be"):
+        WholeExchanges(app, **limits)
 
 
 async def test_cancelled_pacer_waiters_give_their_slots_back(

@@ -299,3 +299,15 @@ async def test_many_keep_alive_exchanges_with_split_bodies_leave_nothing_behind(
                     reply = await connection.reply()
                 assert reply is not None and reply.status == 401
         assert await server.tasks() == before
+
+
+async def test_a_client_that_leaves_inside_its_body_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    async with served(tmp_path) as server:
+        before = await server.tasks()
+        async with server.connect() as connection:
+            request = head("POST", "/v1/partitions/2/deactivate", AUTH.strip(), length=16)
+            await connection.send(request + FORCE[:5])
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        assert await server.tasks() == before
