@@ -67,7 +67,6 @@ _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
-
 class Pacer:
     """Spaces requests ``1/rate`` seconds apart beyond a burst of ``burst``. Trio only.
 
