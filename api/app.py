@@ -224,7 +224,7 @@ def create_app(
 
     def partition_id(text: str) -> int:
         pid = _int_param("id", text, low=0, high=10**9)
-        if pid not in controller.book.table:
+        if pid not in controller.view().table:
             raise Problem(
                 "unknown-partition",
                 f"partition {pid} is not in Fabric Manager's table",
@@ -234,7 +234,7 @@ def create_app(
 
     def module_id(text: str) -> int:
         module = _int_param("module", text, low=1, high=16)
-        if module not in controller.book.table.module_ids:
+        if module not in controller.view().table.module_ids:
             raise Problem(
                 "unknown-gpu", f"GPU module {module} is in no partition", {"module": module}
             )
@@ -291,17 +291,18 @@ def create_app(
     @app.get("/v1/node")
     async def get_node() -> Response:
         authorize(mutating=False)
-        return _json(node_json(controller, facts))
+        return _json(node_json(controller.layout, controller.view(), facts))
 
     @app.get("/v1/gpus")
     async def list_gpus() -> Response:
         authorize(mutating=False)
-        return _json({"gpus": gpus_json(controller, facts)})
+        return _json({"gpus": gpus_json(controller.layout, controller.view(), facts)})
 
     @app.get("/v1/gpus/<module>")
     async def get_gpu(module: str) -> Response:
         authorize(mutating=False)
-        return _json(gpu_json(controller, facts, module_id(module)))
+        gpu = module_id(module)
+        return _json(gpu_json(controller.layout, controller.view(), facts, gpu))
 
     @app.get("/v1/partitions")
     async def list_partitions() -> Response:
@@ -315,24 +316,26 @@ def create_app(
                 {"parameter": "state"},
             )
         if size is None and state is None:
-            generation = controller.book.generation
-            if list_cache["generation"] != generation:
-                views = controller.book.views()
-                body = {"partitions": [partition_json(controller, v) for v in views]}
-                list_cache.update(generation=generation, body=json.dumps(body).encode())
+            node = controller.view()
+            if list_cache["generation"] != node.generation:
+                views = list(node.partitions.values())
+                body = {"partitions": [partition_json(controller.layout, v) for v in views]}
+                list_cache.update(generation=node.generation, body=json.dumps(body).encode())
             return Response(list_cache["body"], content_type=JSON_CONTENT_TYPE)
         views = [
             v
-            for v in controller.book.views()
+            for v in controller.view().partitions.values()
             if (size is None or v.partition.size == size)
             and (state is None or v.state.value == state)
         ]
-        return _json({"partitions": [partition_json(controller, v) for v in views]})
+        return _json({"partitions": [partition_json(controller.layout, v) for v in views]})
 
     @app.get("/v1/partitions/<pid>")
     async def get_partition(pid: str) -> Response:
         authorize(mutating=False)
-        return _json(partition_json(controller, controller.view(partition_id(pid))))
+        return _json(
+            partition_json(controller.layout, controller.partition_view(partition_id(pid)))
+        )
 
     # -- mutations -------------------------------------------------------------------
 
@@ -342,14 +345,14 @@ def create_app(
         partition = partition_id(pid)
         await controller.activate(partition)
         log.info("partition %d activated through the API by %s", partition, request.remote_addr)
-        return _json(partition_json(controller, controller.view(partition)))
+        return _json(partition_json(controller.layout, controller.partition_view(partition)))
 
     @app.post("/v1/partitions/<pid>/deactivate")
     async def deactivate(pid: str) -> Response:
         authorize(mutating=True)
         partition = partition_id(pid)
         force = await _deactivate_body()
-        if force and controller.book.in_use(partition):
+        if force and controller.view().in_use(partition):
             log.warning(
                 "forced deactivation of partition %d (held by a pod) requested by %s",
                 partition,
@@ -357,21 +360,21 @@ def create_app(
             )
         await controller.deactivate(partition, force=force)
         log.info("partition %d deactivated through the API by %s", partition, request.remote_addr)
-        return _json(partition_json(controller, controller.view(partition)))
+        return _json(partition_json(controller.layout, controller.partition_view(partition)))
 
     @app.post("/v1/gpus/<module>/drain")
     async def drain(module: str) -> Response:
         authorize(mutating=True)
         gpu = module_id(module)
         controller.drain(gpu)
-        return _json(gpu_json(controller, facts, gpu))
+        return _json(gpu_json(controller.layout, controller.view(), facts, gpu))
 
     @app.post("/v1/gpus/<module>/undrain")
     async def undrain(module: str) -> Response:
         authorize(mutating=True)
         gpu = module_id(module)
         controller.undrain(gpu)
-        return _json(gpu_json(controller, facts, gpu))
+        return _json(gpu_json(controller.layout, controller.view(), facts, gpu))
 
     # -- probes and metrics: always open --------------------------------------------
 
@@ -383,7 +386,7 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        problems = readiness_problems(controller)
+        problems = readiness_problems(controller.view())
         return _json({"ready": not problems, "problems": problems}, 503 if problems else 200)
 
     @app.get("/metrics")

@@ -1,17 +1,22 @@
-"""The JSON the REST API answers with, built from the controller's state.
+"""The JSON the REST API answers with, built from the node's immutable view.
 
 Each builder matches a schema of ``openapi.yaml`` (``Partition``, ``Gpu``, ``Node``);
-schemathesis checks every answer of the running daemon against them. The builders only
-read the controller; the one I/O is :func:`gpu_driver`, a ``readlink`` in sysfs.
+schemathesis checks every answer of the running daemon against them. The builders read
+only a :class:`~nvswitch_dp.controller.NodeLayout` (fixed facts) and a
+:class:`~nvswitch_dp.partitions.node.NodeView` (one generation of the node state
+machine), so one answer never mixes two states; the one I/O is :func:`gpu_driver`, a
+``readlink`` in sysfs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvswitch_dp.controller import PartitionController
+from nvswitch_dp.controller import NodeLayout
+from nvswitch_dp.partitions.node import NodeView
 from nvswitch_dp.partitions.state import PartitionView, State
 from nvswitch_dp.vfio.discovery import read_function
 
@@ -29,16 +34,16 @@ class NodeFacts:
     simulated: str | None = None
 
 
-def partition_json(controller: PartitionController, view: PartitionView) -> dict[str, Any]:
+def partition_json(layout: NodeLayout, view: PartitionView) -> dict[str, Any]:
     partition = view.partition
     return {
         "id": partition.partition_id,
         "device_id": partition.device_id,
-        "resource": controller.resource_of(partition),
+        "resource": layout.resource_of(partition),
         "size": partition.size,
         "modules": list(partition.sorted_modules),
         "pci_addresses": [
-            controller.gpus[m].pci_address for m in partition.sorted_modules if m in controller.gpus
+            layout.gpus[m].pci_address for m in partition.sorted_modules if m in layout.gpus
         ],
         "state": view.state.value,
         "phase": view.phase.value,
@@ -57,13 +62,13 @@ def gpu_driver(sysfs_root: Path | None, pci_address: str | None) -> str | None:
     return function.driver if function is not None else None
 
 
-def gpu_json(controller: PartitionController, facts: NodeFacts, module: int) -> dict[str, Any]:
+def gpu_json(layout: NodeLayout, node: NodeView, facts: NodeFacts, module: int) -> dict[str, Any]:
     """One GPU by module ID; ``KeyError`` for a module in no partition."""
-    if module not in controller.book.table.module_ids:
+    if module not in node.table.module_ids:
         raise KeyError(module)
-    slot = controller.gpus.get(module)
+    slot = layout.gpus.get(module)
     address = slot.pci_address if slot is not None else None
-    fault = controller.book.module_faults.get(module)
+    fault = node.module_faults.get(module)
     return {
         "module": module,
         "pci_address": address,
@@ -72,34 +77,37 @@ def gpu_json(controller: PartitionController, facts: NodeFacts, module: int) -> 
         "driver": gpu_driver(facts.sysfs_root, address),
         "healthy": fault is None,
         "fault": fault,
-        "drained": module in controller.book.drained_modules,
-        "partitions": sorted(p.partition_id for p in controller.book.table.containing(module)),
+        "drained": module in node.drained_modules,
+        "partitions": sorted(p.partition_id for p in node.table.containing(module)),
     }
 
 
-def gpus_json(controller: PartitionController, facts: NodeFacts) -> list[dict[str, Any]]:
-    return [gpu_json(controller, facts, m) for m in sorted(controller.book.table.module_ids)]
+def gpus_json(layout: NodeLayout, node: NodeView, facts: NodeFacts) -> list[dict[str, Any]]:
+    return [gpu_json(layout, node, facts, m) for m in sorted(node.table.module_ids)]
 
 
-def readiness_problems(controller: PartitionController) -> list[str]:
-    """Why the daemon is not ready (empty when it is)."""
+def readiness_problems(node: NodeView, extra: Sequence[str] = ()) -> list[str]:
+    """Why the daemon is not ready (empty when it is); ``extra``: the edges' own."""
     problems = [
         f"{resource} is not registered with the kubelet"
-        for resource, registered in sorted(controller.registered.items())
+        for resource, registered in sorted(node.registered.items())
         if not registered
     ]
-    if not controller.fabric_reachable:
-        problems.append(f"Fabric Manager is unreachable: {controller.fabric_problem}")
+    if not node.fabric_reachable:
+        problems.append(f"Fabric Manager is unreachable: {node.fabric_problem}")
+    problems.extend(extra)
     return problems
 
 
-def node_json(controller: PartitionController, facts: NodeFacts) -> dict[str, Any]:
-    table = controller.book.table
-    views = controller.book.views()
+def node_json(
+    layout: NodeLayout, node: NodeView, facts: NodeFacts, extra_problems: Sequence[str] = ()
+) -> dict[str, Any]:
+    table = node.table
+    views = list(node.partitions.values())
     by_state = dict.fromkeys((s.value for s in State), 0)
     for view in views:
         by_state[view.state.value] += 1
-    problems = readiness_problems(controller)
+    problems = readiness_problems(node, extra_problems)
     return {
         "platform": {
             "gpu_model": facts.gpu_model,
@@ -108,20 +116,20 @@ def node_json(controller: PartitionController, facts: NodeFacts) -> dict[str, An
             "simulated": facts.simulated,
         },
         "fabric_manager": {
-            "backend": controller.fabric.name,
-            "reachable": controller.fabric_reachable,
-            "problem": controller.fabric_problem,
+            "backend": layout.fabric_name,
+            "reachable": node.fabric_reachable,
+            "problem": node.fabric_problem,
         },
         "resources": [
             {
                 "resource": resource,
                 "size": size,
-                "registered": controller.registered.get(resource, False),
+                "registered": node.registered.get(resource, False),
                 "partitions": len(table.of_size(size)),
             }
-            for resource, size in sorted(controller.resources.items(), key=lambda r: r[1])
+            for resource, size in sorted(layout.resources.items(), key=lambda r: r[1])
         ],
-        "pod_resources": {"reachable": controller.pod_resources_reachable},
+        "pod_resources": {"reachable": node.pod_resources_reachable},
         "partitions": {"total": len(views), "by_state": by_state},
         "ready": not problems,
         "problems": problems,

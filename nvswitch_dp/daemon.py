@@ -3,17 +3,22 @@
     trio.run(run_daemon)
     └── trio_asyncio.open_loop()            grpclib's asyncio loop, above everything
         └── daemon nursery
-            ├── watch_signals               SIGTERM/SIGINT -> ShutdownError
+            ├── watch_signals               SIGTERM/SIGINT -> ShutdownError (first of all)
+            │   (first_report: wait for FM, resume a restarted one; runs in the body)
+            ├── run_effects                 every FM call the node machine asks for
             ├── serve_api                   Quart-Trio on Hypercorn
-            ├── supervise_fabric            FM reconcile loop
+            ├── supervise_fabric            list FM every period (at once on trouble)
             ├── watch_gpu_health            VFIO state of every GPU
-            ├── watch_pod_resources         release partitions no pod holds
+            ├── watch_pod_resources         PodResources readings -> the machine
             └── serve_resource  x N         one grpclib server + registration per size
 
-A signal closes the change feed (every ListAndWatch stream ends cleanly), then raises
-:class:`ShutdownError`, which cancels the nursery; each task's cleanup (closing servers
-and removing sockets) runs under a shielded deadline, and :func:`main_run` turns the
-ShutdownError into exit status 0. The shape follows hypercorn's ``trio/run.py``.
+The signal watcher starts before anything else, so a signal while FM is still
+unreachable at start ends the daemon cleanly too. A signal closes the change feed (every
+ListAndWatch stream ends cleanly), then raises :class:`ShutdownError`, which cancels the
+nursery; each task's cleanup (closing servers and removing sockets) runs under a
+shielded deadline, and :func:`main_run` turns the ShutdownError into exit status 0. The
+shape follows hypercorn's ``trio/run.py``. Every decision is the node machine's
+(``partitions/node.py``); the tasks here only feed it events and run its effects.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +41,7 @@ from nvswitch_dp.controller import GpuSlot, PartitionController
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
 from nvswitch_dp.fabric.types import FabricManagerError, FmNotConfigured, FmReport
 from nvswitch_dp.metrics import Metrics
-from nvswitch_dp.partitions.state import PartitionBook
+from nvswitch_dp.partitions.node import NodeMachine, resume_list_at_start
 from nvswitch_dp.partitions.table import PartitionTable, partition_id_of
 from nvswitch_dp.partitions.units import allocation_unit
 from nvswitch_dp.plugin.lifecycle import serve_resource
@@ -91,18 +96,16 @@ def build_fabric_client(config: Config) -> FabricManagerClient:
 
 async def first_report(
     fabric: FabricManagerClient,
-    pods: PodResourcesClient,
-    resource_prefix: str,
+    held: Callable[[], Awaitable[set[int] | None]],
     *,
-    pod_resources_patience: float = FM_RESUME_PATIENCE_S,
+    patience: float = FM_RESUME_PATIENCE_S,
 ) -> FmReport:
     """FM's table, waiting for FM as long as it takes (it may still be starting).
 
     If FM was restarted while we were down it refuses to list until someone names the
-    partitions still active; we learn them from PodResources (the devices pods hold)
-    and say so with set-activated. FM exits 60 s after its restart if nobody does, so
-    after ``pod_resources_patience`` seconds without PodResources we name none rather
-    than let FM die.
+    partitions still active; ``held`` says which (from PodResources, or the DRA
+    checkpoint), and :func:`~nvswitch_dp.partitions.node.resume_list_at_start` decides
+    what to tell FM, naming none after ``patience`` seconds rather than let FM exit.
     """
     delay = 0.1
     not_configured_since: float | None = None
@@ -112,14 +115,14 @@ async def first_report(
         except FmNotConfigured as exc:
             now = trio.current_time()
             not_configured_since = not_configured_since or now
-            held = await partitions_held(pods, resource_prefix)
-            if held is None and now - not_configured_since < pod_resources_patience:
-                log.warning("%s; PodResources unreadable, cannot resume it yet", exc)
+            holdings = await held()
+            ids = resume_list_at_start(holdings, now - not_configured_since, patience)
+            if ids is None:
+                log.warning("%s; holdings unreadable, cannot resume it yet", exc)
             else:
-                ids = sorted(held or ())
-                if held is None:
-                    log.error("PodResources still unreadable: resuming FM with no partition")
-                log.warning("Fabric Manager restarted; set-activated %s", ids)
+                if holdings is None:
+                    log.error("holdings still unreadable: resuming FM with no partition")
+                log.warning("Fabric Manager restarted; set-activated %s", list(ids))
                 try:
                     await fabric.set_activated(ids)
                 except FabricManagerError as set_exc:
@@ -188,19 +191,15 @@ async def supervise_fabric(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Supervise Fabric Manager: reconcile every ``interval`` seconds, at once when an FM
-    call anywhere reports trouble, and every second while the trouble lasts.
+    """Ask the machine to supervise FM every ``interval`` seconds, at once when an FM
+    call anywhere reports trouble, and every second while the trouble lasts (rule N7).
 
-    Error handling: FM errors are counted and reflected in reachability (readiness and
-    the fabric fault), never raised.
+    Error handling: none to do; FM errors are outcomes the machine takes in.
     """
     task_status.started()
     while True:
-        delay = interval if controller.book.fabric_fault is None else min(interval, 1.0)
-        with trio.move_on_after(delay):
-            await controller.wake_supervisor.wait()
-        controller.wake_supervisor = trio.Event()
-        await controller.supervise_once()
+        await controller.wait_supervision(interval)
+        controller.supervise()
 
 
 async def watch_gpu_health(
@@ -219,7 +218,7 @@ async def watch_gpu_health(
     sysfs, dev = Path(config.vfio.sysfs_root), Path(config.vfio.dev_root)
 
     def check_all() -> None:
-        for module, slot in controller.gpus.items():
+        for module, slot in controller.layout.gpus.items():
             controller.set_gpu_fault(module, vfio_problem(sysfs, dev, slot.pci_address))
 
     try:
@@ -273,23 +272,34 @@ async def run_daemon(
 
     ``task_status.started`` receives the controller once every resource serves.
     """
+    controller: PartitionController | None = None
+
+    def on_signal() -> None:
+        if controller is not None:
+            controller.feed.close()
+
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        await nursery.start(watch_signals, on_signal)
         fabric = build_fabric_client(config)
         pods = GrpcPodResourcesClient(Path(config.plugin.pod_resources_socket))
-        report = await first_report(fabric, pods, config.plugin.resource_prefix)
+        prefix = config.plugin.resource_prefix
+        report = await first_report(fabric, lambda: partitions_held(pods, prefix))
         node = discover_node(config, report)
         table = PartitionTable.from_report(report)
-        book = PartitionBook(table)
-        # Until PodResources says otherwise, whatever FM has active may be in use.
-        book.adopt(report.active_ids, in_use_ids=report.active_ids)
+        grace = config.plugin.release_grace_seconds
+        resources = [f"{prefix}-{size}x" for size in table.sizes]
+        # Whatever FM has active may be in use: held until PodResources says otherwise.
+        machine = NodeMachine(table, report, trio.current_time(), grace=grace, resources=resources)
+        fm = config.fabric_manager
         controller = PartitionController(
-            book,
+            machine,
             fabric,
             node.gpus,
-            resource_prefix=config.plugin.resource_prefix,
+            resource_prefix=prefix,
             dev_root=Path(config.vfio.dev_root),
             metrics=Metrics(),
             unit=allocation_unit(config.plugin.allocation_unit),
+            call_deadline=call_deadline(fm.timeout_seconds, fm.retries),
         )
         for module, reason in node.unmapped.items():
             log.error("GPU module %d: %s", module, reason)
@@ -298,33 +308,29 @@ async def run_daemon(
             "Fabric Manager (%s) reports %d partitions; serving %s",
             fabric.name,
             len(table),
-            ", ".join(controller.resources),
+            ", ".join(controller.layout.resources),
         )
-        await nursery.start(watch_signals, controller.feed.close)
+        await nursery.start(controller.run_effects)
         await nursery.start(
             hypercorn.trio.serve,
             create_app(controller, config, rest_rate=config.api.requests_per_second or None),
             api_config(config.api),
         )
-        await nursery.start(
-            supervise_fabric, controller, config.fabric_manager.reconcile_interval_seconds
-        )
+        await nursery.start(supervise_fabric, controller, fm.reconcile_interval_seconds)
         await nursery.start(
             watch_gpu_health, controller, config, config.vfio.health_interval_seconds
         )
-        grace = config.plugin.release_grace_seconds
-        await nursery.start(
-            watch_pod_resources,
-            controller,
-            pods,
-            grace,
-            release_check_interval(grace),
-        )
+        await nursery.start(watch_pod_resources, controller, pods, release_check_interval(grace))
         plugin_dir = Path(config.plugin.directory)
         plugin_dir.mkdir(parents=True, exist_ok=True)
-        for resource in controller.resources:
+        for resource in controller.layout.resources:
             await nursery.start(serve_resource, controller, resource, plugin_dir)
         task_status.started(controller)
+
+
+def call_deadline(timeout: float, retries: int) -> float:
+    """The runner's backstop for one FM call: every attempt's timeout plus backoff."""
+    return timeout * (retries + 1) + 5.0 * (retries + 1)
 
 
 def main_run(config: Config) -> int:

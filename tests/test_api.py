@@ -25,7 +25,8 @@ from nvswitch_dp.controller import PartitionController
 from nvswitch_dp.daemon import build_fabric_client, discover_node
 from nvswitch_dp.fabric.simulator import SimulatorStore, inject_fault
 from nvswitch_dp.metrics import Metrics
-from nvswitch_dp.partitions.state import PartitionBook, Phase, State
+from nvswitch_dp.partitions.node import NodeMachine
+from nvswitch_dp.partitions.state import Phase, State
 from nvswitch_dp.partitions.table import PartitionTable
 
 TOKEN = "s3cret-token"
@@ -54,13 +55,15 @@ class Api:
 
 async def make_api(
     tmp_path: Path,
+    nursery: trio.Nursery,
     *,
     token: str | None = TOKEN,
     configured: bool = True,
     open_reads: bool = True,
     **app_options: Any,
 ) -> Api:
-    """The app on a simulated node; ``app_options`` go to :func:`create_app`."""
+    """The app on a simulated node, its controller's effect runner in ``nursery``;
+    ``app_options`` go to :func:`create_app`."""
     token_file = tmp_path / "token"
     if token is not None:
         token_file.write_text(f"  {token}\n")
@@ -75,21 +78,30 @@ async def make_api(
     fabric = build_fabric_client(config)
     report = await fabric.list_partitions()
     node = discover_node(config, report)
+    table = PartitionTable.from_report(report)
     controller = PartitionController(
-        PartitionBook(PartitionTable.from_report(report)),
+        NodeMachine(table, report, trio.current_time(), grace=30.0),
         fabric,
         node.gpus,
         resource_prefix=R,
         dev_root=Path(config.vfio.dev_root),
         metrics=Metrics(),
     )
+    await nursery.start(controller.run_effects)
     app = create_app(controller, config, **app_options)
     return Api(app, app.test_client(), controller, config, token_file)
 
 
 @pytest.fixture
-async def api(tmp_path: Path) -> Api:
-    return await make_api(tmp_path)
+async def api(tmp_path: Path, nursery: trio.Nursery) -> Api:
+    return await make_api(tmp_path, nursery)
+
+
+def active(api: Api) -> frozenset[int]:
+    """Partitions active (or on their way) in the node's view."""
+    return frozenset(
+        pid for pid, v in api.controller.view().partitions.items() if v.phase.value != "inactive"
+    )
 
 
 async def problem(response: Any, status: int, name: str) -> dict[str, Any]:
@@ -130,7 +142,7 @@ async def test_gpus_carry_pci_iommu_numa_driver_and_partitions(api: Api) -> None
     one = gpus[0]
     assert one["pci_address"] == api.config.module_map[1]
     assert one["driver"] == "vfio-pci"  # read from the simulated sysfs
-    assert one["iommu_group"] == api.controller.gpus[1].iommu_group
+    assert one["iommu_group"] == api.controller.layout.gpus[1].iommu_group
     assert one["numa_node"] == 0 and gpus[7]["numa_node"] == 1
     assert one["partitions"] == [0, 1, 3, 7]
     assert (one["healthy"], one["fault"], one["drained"]) == (True, None, False)
@@ -182,8 +194,8 @@ async def test_mutations_need_the_bearer_token(api: Api) -> None:
     assert "invalid_request" in response.headers["WWW-Authenticate"]
     wrong = {"Authorization": "Bearer nope"}
     await problem(await api.client.post("/v1/gpus/1/drain", headers=wrong), 403, "forbidden")
-    assert api.controller.book.active_ids == frozenset()
-    assert api.controller.book.drained_modules == frozenset()
+    assert active(api) == frozenset()
+    assert api.controller.view().drained_modules == frozenset()
 
 
 async def test_a_rotated_token_file_takes_effect_without_restart(api: Api) -> None:
@@ -196,9 +208,9 @@ async def test_a_rotated_token_file_takes_effect_without_restart(api: Api) -> No
 
 
 async def test_without_a_configured_token_mutations_are_refused_never_open(
-    tmp_path: Path,
+    tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    api = await make_api(tmp_path, configured=False)
+    api = await make_api(tmp_path, nursery, configured=False)
     body = await problem(
         await api.client.post("/v1/partitions/1/activate", headers=AUTH), 403, "mutations-disabled"
     )
@@ -208,21 +220,21 @@ async def test_without_a_configured_token_mutations_are_refused_never_open(
 
 @pytest.mark.parametrize("content", [None, "", "  \n"])
 async def test_a_missing_or_empty_token_file_is_503_saying_how_to_fix_it(
-    tmp_path: Path, content: str | None
+    tmp_path: Path, nursery: trio.Nursery, content: str | None
 ) -> None:
-    api = await make_api(tmp_path, token=None)
+    api = await make_api(tmp_path, nursery, token=None)
     if content is not None:
         api.token_file.write_text(content)
     response = await api.client.post("/v1/partitions/1/activate", headers=AUTH)
     body = await problem(response, 503, "token-unavailable")
     assert "api.token_file" in body["detail"]
-    assert api.controller.book.active_ids == frozenset()
+    assert active(api) == frozenset()
 
 
 async def test_closed_reads_need_the_token_but_probes_and_metrics_stay_open(
-    tmp_path: Path,
+    tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    api = await make_api(tmp_path, open_reads=False)
+    api = await make_api(tmp_path, nursery, open_reads=False)
     for path in ("/v1/partitions", "/v1/node", "/v1/gpus", "/v1/partitions/1"):
         await problem(await api.client.get(path), 401, "unauthorized")
         assert (await api.client.get(path, headers=AUTH)).status_code == 200
@@ -247,8 +259,8 @@ async def test_activate_then_overlapping_activate_names_the_blocker(api: Api) ->
 
 
 async def test_deactivate_refuses_a_partition_a_pod_holds_unless_forced(api: Api) -> None:
-    plan = api.controller.begin_allocation(f"{R}-2x", ["partition-5"])
-    await api.controller.complete_allocation(plan)
+    allocation = api.controller.allocate(f"{R}-2x", [["partition-5"]])
+    await api.controller.wait_allocation(allocation)
     held = await api.client.post("/v1/partitions/5/deactivate", headers=AUTH)
     await problem(held, 409, "partition-in-use")
     forced = await api.client.post(
@@ -278,7 +290,7 @@ async def test_a_malformed_deactivate_body_is_400(api: Api, body: bytes, content
     headers = {**AUTH, "Content-Type": content_type}
     response = await api.client.post("/v1/partitions/2/deactivate", headers=headers, data=body)
     await problem(response, 400, "invalid-request")
-    assert api.controller.book.active_ids == frozenset({2})
+    assert active(api) == frozenset({2})
 
 
 async def test_json_nesting_is_refused_before_the_parser_recurses(api: Api) -> None:
@@ -294,7 +306,7 @@ async def test_json_nesting_is_refused_before_the_parser_recurses(api: Api) -> N
     nested = b'{"force": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
     response = await api.client.post("/v1/partitions/2/deactivate", headers=headers, data=nested)
     assert "force must be" in (await problem(response, 400, "invalid-request"))["detail"]
-    assert api.controller.book.active_ids == frozenset({2})
+    assert active(api) == frozenset({2})
 
 
 async def test_a_body_over_the_limit_is_413_through_the_test_client_too(api: Api) -> None:
@@ -388,7 +400,7 @@ async def test_drain_takes_every_partition_of_the_gpu_out_and_undrain_returns_th
     await problem(refused, 409, "partition-unhealthy")
     response = await api.client.post("/v1/gpus/3/undrain", headers=AUTH)
     assert (await response.get_json())["drained"] is False
-    assert api.controller.book.state(9).value == "free"
+    assert api.controller.view().view(9).state.value == "free"
 
 
 @pytest.mark.parametrize(
@@ -406,8 +418,8 @@ async def test_fabric_manager_failures_are_502_or_503_with_fms_code(
         await api.client.post("/v1/partitions/2/activate", headers=AUTH), status, name
     )
     assert body["fm_code"] == code
-    assert api.controller.book.phase(2).value == "inactive"  # nothing half-done
-    assert not api.controller.book.in_use(2)
+    assert api.controller.view().view(2).phase.value == "inactive"  # nothing half-done
+    assert not api.controller.view().in_use(2)
 
 
 # -- the contract ----------------------------------------------------------------------

@@ -119,11 +119,11 @@ async def served(
 ) -> AsyncIterator[Server]:
     """The app of :func:`test_api.make_api` (``options`` go to ``create_app``) served by
     Hypercorn with the daemon's configuration on an ephemeral 127.0.0.1 port."""
-    api = await make_api(tmp_path, **options)
-    config = api_config(ApiConfig(listen="127.0.0.1:0"))
-    if keep_alive is not None:
-        config.keep_alive_timeout = keep_alive
     async with trio.open_nursery() as nursery:
+        api = await make_api(tmp_path, nursery, **options)
+        config = api_config(ApiConfig(listen="127.0.0.1:0"))
+        if keep_alive is not None:
+            config.keep_alive_timeout = keep_alive
         binds = await nursery.start(hypercorn.trio.serve, api.app, config)
         host, _, port = binds[0].removeprefix("http://").rpartition(":")
         yield Server(host, int(port))

@@ -1,183 +1,287 @@
-"""The controller against the FM simulator: atomic claims, idempotent activation, rollback."""
+"""The controller against the FM simulator, with its effect runner running: atomic claims,
+idempotent activation, rollback, cancellation, release clocks, reconcile.
+
+Time is Trio's autojump clock (the simulator's slow activation sleeps on it), so seconds of
+FM work pass instantly and nothing here depends on the machine's speed. The regression
+tests for issue 9's findings 1-4 are marked in their names.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import trio
-import trio.lowlevel
+import trio.testing
+from node_helpers import R, allocate, fm_active, inject, running_controller
 
-from nvswitch_dp.controller import AllocationError, GpuSlot, PartitionController
+from nvswitch_dp.controller import AllocationError, PartitionController
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
 from nvswitch_dp.fabric.types import FmUninitialized
-from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.state import PartitionBlocked, PartitionInUse, Phase, State
-from nvswitch_dp.partitions.table import PartitionTable
-
-R = "nvidia.com/gpu-h200"
 
 
-def fm_state(store: SimulatorStore) -> dict[str, object]:
-    data: dict[str, object] = json.loads(store.path.read_text())
-    return data
-
-
-async def make_controller(tmp_path: Path) -> tuple[PartitionController, SimulatorStore]:
-    store = SimulatorStore(tmp_path / "fm.state", "hgx-h200")
-    fabric = SimulatedFabricManager(store)
-    report = await fabric.list_partitions()
-    from nvswitch_dp.partitions.state import PartitionBook
-
-    book = PartitionBook(PartitionTable.from_report(report))
-    h200 = platform("hgx-h200")
-    gpus = {m: GpuSlot(m, addr, 10 + m, h200.numa_node(m)) for m, addr in h200.module_map().items()}
-    controller = PartitionController(
-        book, fabric, gpus, resource_prefix=R, dev_root=Path("/dev"), metrics=Metrics()
-    )
-    return controller, store
-
-
-def inject(store: SimulatorStore, **faults: object) -> None:
-    sim = store.load()
-    for key, value in faults.items():
-        setattr(sim.faults, key, value)
-    store.save(sim)
+def state(controller: PartitionController, pid: int) -> State:
+    return controller.view().view(pid).state
 
 
 async def test_allocation_claims_activates_and_grants_vfio_devices(tmp_path: Path) -> None:
-    controller, store = await make_controller(tmp_path)
-    plan = controller.begin_allocation(f"{R}-4x", ["partition-2"])
-    assert plan.to_activate == [2]
-    await controller.complete_allocation(plan)
-    assert controller.book.state(2) is State.ALLOCATED
-    assert fm_state(store)["active"] == [2]
-    grant = controller.grant(plan)
-    assert [d.container_path for d in grant.devices] == [
-        "/dev/vfio/vfio",
-        "/dev/vfio/15",
-        "/dev/vfio/16",
-        "/dev/vfio/17",
-        "/dev/vfio/18",
-    ]
-    assert grant.envs["PCI_RESOURCE_NVIDIA_COM_GPU-H200-4X"] == ",".join(
-        platform("hgx-h200").module_map()[m] for m in (5, 6, 7, 8)
-    )
+    async with running_controller(tmp_path) as (controller, store):
+        allocation = controller.allocate(f"{R}-4x", [["partition-2"]])
+        allocation = await controller.wait_allocation(allocation)
+        assert state(controller, 2) is State.ALLOCATED
+        assert fm_active(store) == [2]
+        (grant,) = controller.grants(allocation)
+        assert [d.container_path for d in grant.devices] == [
+            "/dev/vfio/vfio",
+            "/dev/vfio/15",
+            "/dev/vfio/16",
+            "/dev/vfio/17",
+            "/dev/vfio/18",
+        ]
+        assert grant.envs["PCI_RESOURCE_NVIDIA_COM_GPU-H200-4X"] == ",".join(
+            platform("hgx-h200").module_map()[m] for m in (5, 6, 7, 8)
+        )
 
 
 async def test_a_partition_fm_already_has_active_is_adopted_not_refused(tmp_path: Path) -> None:
-    controller, store = await make_controller(tmp_path)
-    await SimulatedFabricManager(store).activate(5)  # FM has it active behind our back
-    plan = controller.begin_allocation(f"{R}-2x", ["partition-5"])
-    await controller.complete_allocation(plan)
-    assert controller.book.state(5) is State.ALLOCATED
+    async with running_controller(tmp_path) as (controller, store):
+        await SimulatedFabricManager(store).activate(5)  # FM has it active behind our back
+        await allocate(controller, f"{R}-2x", "partition-5")  # IN_USE, then a list settles it
+        assert state(controller, 5) is State.ALLOCATED
+        controller.machine.check_invariants()
 
 
-async def test_an_fm_failure_during_allocate_rolls_everything_back(tmp_path: Path) -> None:
-    controller, store = await make_controller(tmp_path)
-    inject(store, nvlink_error_partitions={1})
-    plan = controller.begin_allocation(f"{R}-4x", ["partition-1"])
-    with pytest.raises(AllocationError) as raised:
-        await controller.complete_allocation(plan)
-    assert raised.value.kind == "fabric"
-    assert "NVLINK_ERROR" in str(raised.value)
-    assert controller.book.phase(1) is Phase.INACTIVE
-    assert not controller.book.in_use(1)
-    assert controller.book.available(3)  # its neighbours are back in the pool
-    assert fm_state(store)["active"] == []
-    controller.book.check_invariants()
+async def test_an_fm_failure_rolls_back_every_partition_of_the_request(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_controller(tmp_path) as (controller, store):
+        inject(store, nvlink_error_partitions={8}, activation_delay_s=1.0)
+        with pytest.raises(AllocationError) as raised:
+            await allocate(controller, f"{R}-1x", "partition-7", "partition-8")
+        assert raised.value.kind == "fabric"
+        assert "NVLINK_ERROR" in str(raised.value)
+        await controller.settle()
+        assert fm_active(store) == []  # 7 was activated for this request, then let go
+        view = controller.view()
+        assert not view.in_use(7) and not view.in_use(8)
+        assert view.view(7).state is State.FREE
+        assert view.view(8).state is State.UNHEALTHY  # held out after NVLINK_ERROR
+        controller.machine.check_invariants()
 
 
 async def test_overlapping_allocates_racing_on_two_resources_one_wins(tmp_path: Path) -> None:
-    controller, store = await make_controller(tmp_path)
-    inject(store, activation_delay_s=0.05)
-    outcomes: dict[str, str] = {}
+    async with running_controller(tmp_path) as (controller, store):
+        inject(store, activation_delay_s=0.05)
+        outcomes: dict[str, str] = {}
 
-    async def allocate(resource: str, device: str) -> None:
-        try:
-            plan = controller.begin_allocation(resource, [device])
-            await controller.complete_allocation(plan)
-            outcomes[device] = "won"
-        except AllocationError as exc:
-            outcomes[device] = str(exc)
+        async def race(resource: str, device: str) -> None:
+            try:
+                await allocate(controller, resource, device)
+                outcomes[device] = "won"
+            except AllocationError as exc:
+                outcomes[device] = str(exc)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(allocate, f"{R}-4x", "partition-1")
-        nursery.start_soon(allocate, f"{R}-2x", "partition-3")
-        nursery.start_soon(allocate, f"{R}-8x", "partition-0")
-    winners = [d for d, outcome in outcomes.items() if outcome == "won"]
-    assert len(winners) == 1
-    winner = int(winners[0].split("-")[1])
-    for device, outcome in outcomes.items():
-        if device != winners[0]:
-            assert f"partition {winner}" in outcome
-    assert fm_state(store)["active"] == [winner]
-    controller.book.check_invariants()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(race, f"{R}-4x", "partition-1")
+            nursery.start_soon(race, f"{R}-2x", "partition-3")
+            nursery.start_soon(race, f"{R}-8x", "partition-0")
+        winners = [d for d, outcome in outcomes.items() if outcome == "won"]
+        assert len(winners) == 1
+        winner = int(winners[0].split("-")[1])
+        for device, outcome in outcomes.items():
+            if device != winners[0]:
+                assert f"partition {winner}" in outcome
+        assert fm_active(store) == [winner]
+        controller.machine.check_invariants()
 
 
 async def test_an_allocate_during_activation_waits_for_it(tmp_path: Path) -> None:
-    controller, store = await make_controller(tmp_path)
-    inject(store, activation_delay_s=0.05)
-    first = controller.begin_allocation(f"{R}-1x", ["partition-7"])
-    second = controller.begin_allocation(f"{R}-1x", ["partition-7"])
-    assert second.to_await == [7] and not second.to_activate
-    finished: list[str] = []
+    async with running_controller(tmp_path) as (controller, store):
+        inject(store, activation_delay_s=0.05)
+        first = controller.allocate(f"{R}-1x", [["partition-7"]])
+        second = controller.allocate(f"{R}-1x", [["partition-7"]])
+        finished: list[str] = []
 
-    async def complete(name: str, plan_: object) -> None:
-        await controller.complete_allocation(plan_)  # type: ignore[arg-type]
-        finished.append(name)
+        async def complete(name: str, allocation: object) -> None:
+            await controller.wait_allocation(allocation)  # type: ignore[arg-type]
+            finished.append(name)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(complete, "second", second)
-        await trio.lowlevel.checkpoint()
-        nursery.start_soon(complete, "first", first)
-    assert sorted(finished) == ["first", "second"]
-    assert controller.book.state(7) is State.ALLOCATED
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(complete, "second", second)
+            nursery.start_soon(complete, "first", first)
+        assert sorted(finished) == ["first", "second"]
+        assert state(controller, 7) is State.ALLOCATED
+        assert fm_active(store) == [7]
 
 
 async def test_allocate_refusals_name_the_blocker_and_change_nothing(tmp_path: Path) -> None:
-    controller, _ = await make_controller(tmp_path)
-    await controller.complete_allocation(controller.begin_allocation(f"{R}-2x", ["partition-4"]))
-    before = controller.book.views()
-    with pytest.raises(AllocationError, match="partition 4, which is allocated"):
-        controller.begin_allocation(f"{R}-8x", ["partition-0"])
-    # Two partitions in one request that overlap each other: refused as a whole.
-    with pytest.raises(AllocationError):
-        controller.begin_allocation(f"{R}-1x", ["partition-7", "partition-8"])
-    assert controller.book.in_use_ids == {4}
-    assert controller.book.views() == before
+    async with running_controller(tmp_path) as (controller, _):
+        await allocate(controller, f"{R}-2x", "partition-4")
+        before = controller.view()
+        with pytest.raises(AllocationError, match="partition 4, which is allocated"):
+            controller.allocate(f"{R}-8x", [["partition-0"]])
+        # Partition 8 (GPU 2) is blocked by 4: the request is refused as a whole, and
+        # partition 7 (GPU 1), free, is not taken either; the same across containers.
+        with pytest.raises(AllocationError, match="partition 8 shares a GPU"):
+            controller.allocate(f"{R}-1x", [["partition-7", "partition-8"]])
+        with pytest.raises(AllocationError, match="partition 8 shares a GPU"):
+            controller.allocate(f"{R}-1x", [["partition-9"], ["partition-8"]])
+        after = controller.view()
+        assert after.partitions == before.partitions
+        assert {p for p, v in after.partitions.items() if v.in_use} == {4}
+
+
+@pytest.mark.parametrize(
+    "containers",
+    [[["partition-3", "partition-3"]], [["partition-3"], ["partition-3"]]],
+    ids=["twice-in-one-container", "in-two-containers"],
+)
+async def test_finding_4_a_device_named_twice_is_refused_and_changes_nothing(
+    tmp_path: Path, containers: list[list[str]]
+) -> None:
+    async with running_controller(tmp_path) as (controller, store):
+        before = controller.view()
+        with pytest.raises(AllocationError, match="partition-3") as raised:
+            controller.allocate(f"{R}-2x", containers)
+        assert raised.value.kind == "invalid"
+        assert controller.view() is before  # not even the generation moved
+        assert fm_active(store) == []
 
 
 async def test_manual_deactivation_of_a_partition_in_use_is_refused(tmp_path: Path) -> None:
-    controller, store = await make_controller(tmp_path)
-    await controller.complete_allocation(controller.begin_allocation(f"{R}-4x", ["partition-1"]))
-    with pytest.raises(PartitionInUse):
-        await controller.deactivate(1)
-    with pytest.raises(PartitionBlocked):
-        await controller.activate(3)
-    await controller.deactivate(1, force=True)
-    assert fm_state(store)["active"] == []
-    assert controller.book.state(1) is State.FREE
+    async with running_controller(tmp_path) as (controller, store):
+        await allocate(controller, f"{R}-4x", "partition-1")
+        with pytest.raises(PartitionInUse):
+            await controller.deactivate(1)
+        with pytest.raises(PartitionBlocked):
+            await controller.activate(3)
+        await controller.deactivate(1, force=True)
+        assert fm_active(store) == []
+        assert state(controller, 1) is State.FREE
 
 
 async def test_deactivating_what_fm_already_dropped_settles_inactive(tmp_path: Path) -> None:
-    controller, store = await make_controller(tmp_path)
-    await controller.activate(2)
-    await SimulatedFabricManager(store).deactivate(2)
-    await controller.deactivate(2)  # FM answers UNINITIALIZED: already inactive
-    assert controller.book.phase(2) is Phase.INACTIVE
-    with pytest.raises(FmUninitialized):
+    async with running_controller(tmp_path) as (controller, store):
+        await controller.activate(2)
         await SimulatedFabricManager(store).deactivate(2)
+        await controller.deactivate(2)  # FM answers UNINITIALIZED: already inactive
+        assert controller.view().view(2).phase is Phase.INACTIVE
+        with pytest.raises(FmUninitialized):
+            await SimulatedFabricManager(store).deactivate(2)
+
+
+async def test_finding_1_a_cancelled_allocate_strands_nothing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_controller(tmp_path, grace=5.0) as (controller, store):
+        inject(store, activation_delay_s=2.0)
+        allocation = controller.allocate(f"{R}-1x", [["partition-7", "partition-8"]])
+        with trio.move_on_after(0.5):  # the kubelet's deadline
+            await controller.wait_allocation(allocation)
+        controller.forget(allocation.request_id)
+        # The FM calls belong to the runner: they finish although nobody waits.
+        await controller.settle()
+        assert fm_active(store) == [7, 8]
+        assert {state(controller, p) for p in (7, 8)} == {State.ALLOCATED}
+        # A second Allocate of the same device answers at once.
+        with trio.fail_after(0.1):
+            await allocate(controller, f"{R}-1x", "partition-8")
+        # No pod ever got them (the Allocate failed at the kubelet): released after grace.
+        for _ in range(4):
+            controller.pod_resources(set())
+            await trio.sleep(2.0)
+        await controller.settle()
+        assert fm_active(store) == []
+        assert {state(controller, p) for p in (0, 1, 3, 4, 7, 8)} == {State.FREE}
+        controller.machine.check_invariants()
+
+
+async def test_finding_2_the_release_clock_starts_when_the_activation_completes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_controller(tmp_path, grace=1.0) as (controller, store):
+        inject(store, activation_delay_s=3.0)
+        allocation = controller.allocate(f"{R}-2x", [["partition-3"]])
+        # PodResources does not show it yet (the kubelet records it after our answer).
+        for _ in range(9):
+            await trio.sleep(0.3)
+            controller.pod_resources(set())
+            assert controller.view().view(3).in_use
+        await controller.wait_allocation(allocation)
+        controller.forget(allocation.request_id)
+        assert state(controller, 3) is State.ALLOCATED
+        # Now the kubelet records it; a plain deactivation is refused while it holds it.
+        controller.pod_resources({3})
+        await trio.sleep(5.0)
+        controller.pod_resources({3})
+        with pytest.raises(PartitionInUse):
+            await controller.deactivate(3)
+        assert fm_active(store) == [3]
+        # The pod ends: released one grace period after it is first seen gone.
+        controller.pod_resources(set())
+        await trio.sleep(1.0)
+        controller.pod_resources(set())
+        await controller.settle()
+        assert fm_active(store) == []
+
+
+async def test_finding_3_a_partition_activated_behind_our_back_is_released(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_controller(tmp_path, grace=2.0) as (controller, store):
+        await SimulatedFabricManager(store).activate(2)  # an operator's `fmpm -a 2`
+        controller.supervise()
+        await controller.settle()
+        view = controller.view()
+        assert view.in_use(2)  # maybe a pod's: PodResources decides
+        assert view.view(5).state is State.BLOCKED
+        controller.pod_resources(set())
+        await trio.sleep(2.0)
+        controller.pod_resources(set())
+        await controller.settle()
+        assert fm_active(store) == []
+        assert state(controller, 5) is State.FREE
+
+
+async def test_a_held_partition_fm_dropped_stays_held_and_is_activated_again(
+    tmp_path: Path,
+) -> None:
+    async with running_controller(tmp_path) as (controller, store):
+        await allocate(controller, f"{R}-4x", "partition-1")
+        await SimulatedFabricManager(store).deactivate(1)  # by hand, under a running VM
+        controller.supervise()
+        await controller.settle()
+        controller.supervise()  # the report after the drop activates it again
+        await controller.settle()
+        assert fm_active(store) == [1]
+        assert state(controller, 1) is State.ALLOCATED
+        controller.machine.check_invariants()
 
 
 async def test_reconcile_takes_fm_word_for_settled_partitions(tmp_path: Path) -> None:
-    controller, store = await make_controller(tmp_path)
-    await controller.activate(6)
-    await SimulatedFabricManager(store).deactivate(6)
-    await SimulatedFabricManager(store).activate(2)
-    await controller.supervise_once()
-    assert controller.book.phase(6) is Phase.INACTIVE
-    assert controller.book.phase(2) is Phase.ACTIVE
-    controller.book.check_invariants()
+    async with running_controller(tmp_path) as (controller, store):
+        await controller.activate(6)
+        await SimulatedFabricManager(store).deactivate(6)
+        await SimulatedFabricManager(store).activate(2)
+        controller.supervise()
+        await controller.settle()
+        view = controller.view()
+        assert view.view(6).phase is Phase.INACTIVE
+        assert view.view(2).phase is Phase.ACTIVE
+        controller.machine.check_invariants()
+
+
+async def test_a_call_cancelled_by_shutdown_reports_an_unknown_outcome(tmp_path: Path) -> None:
+    store = SimulatorStore(tmp_path / "fm.state", "hgx-h200")
+    inject(store, activation_delay_s=10.0)
+    async with running_controller(tmp_path) as (controller, _):
+        allocation = controller.allocate(f"{R}-1x", [["partition-9"]])
+        await trio.sleep(0.05)
+    # The runner was cancelled in the middle of the call: the outcome is unknown, so the
+    # partition is UNKNOWN (occupied) until FM's report settles it; its waiter waits.
+    assert controller.machine.result(allocation.request_id).status.value == "pending"
+    assert controller.view().view(9).phase is Phase.UNKNOWN
+    assert controller.view().view(1).state is State.BLOCKED
+    controller.machine.check_invariants()

@@ -307,11 +307,20 @@ def _fm(runner: ScriptedRunner, retries: int = 3, timeout: float = 2.0) -> FmpmF
 
 
 async def test_transient_errors_are_retried_with_backoff(autojump_clock: MockClock) -> None:
-    runner = ScriptedRunner([_fail(-9), _fail(-8), _fail(-5), LIST_OK])
+    runner = ScriptedRunner([_fail(-9), _fail(-5), _fail(-9), LIST_OK])
     report = await _fm(runner).list_partitions()
     assert report.active_ids == {3}
     times = [t for t, _ in runner.calls]
     assert [b - a for a, b in itertools.pairwise(times)] == [0.25, 0.5, 1.0]
+
+
+async def test_a_restarted_fm_is_not_retried_it_waits_for_set_activated(
+    autojump_clock: MockClock,
+) -> None:
+    runner = ScriptedRunner([_fail(-8), LIST_OK])
+    with pytest.raises(FmNotConfigured):
+        await _fm(runner).list_partitions()
+    assert len(runner.calls) == 1
 
 
 async def test_retries_run_out(autojump_clock: MockClock) -> None:

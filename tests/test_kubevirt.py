@@ -12,13 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-import trio
+from node_helpers import running_controller
 from test_lifecycle import Node as LifecycleNode
 
-from nvswitch_dp.controller import AllocationError, GpuSlot, PartitionController
+from nvswitch_dp.controller import AllocationError
 from nvswitch_dp.fabric.platforms import platform
-from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
-from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.policy import preferred_allocation
 from nvswitch_dp.partitions.state import PartitionBook
 from nvswitch_dp.partitions.table import (
@@ -251,48 +249,36 @@ def test_preferred_never_fails(
 # -- the controller in gpu mode --------------------------------------------------------------
 
 
-async def gpu_controller(tmp_path: Path) -> PartitionController:
-    fabric = SimulatedFabricManager(SimulatorStore(tmp_path / "fm.state", "hgx-h200"))
-    report = await fabric.list_partitions()
-    slots = {m: GpuSlot(m, a, 10 + m, H200.numa_node(m)) for m, a in MODULE_MAP.items()}
-    return PartitionController(
-        PartitionBook(PartitionTable.from_report(report)),
-        fabric,
-        slots,
-        resource_prefix=R,
-        dev_root=Path("/dev"),
-        metrics=Metrics(),
-        unit=GPU_UNIT,
-    )
-
-
 async def test_controller_grants_addresses_in_the_requested_order(tmp_path: Path) -> None:
-    controller = await gpu_controller(tmp_path)
-    request = ["partition-2-gpu-8", "partition-2-gpu-5", "partition-2-gpu-6", "partition-2-gpu-7"]
-    plan = controller.begin_allocation(f"{R}-4x", request)
-    await controller.complete_allocation(plan)
-    grant = controller.grant(plan)
-    assert grant.envs[ENV_4X].split(",") == [MODULE_MAP[m] for m in (8, 5, 6, 7)]
-    assert [d.container_path for d in grant.devices] == [
-        "/dev/vfio/vfio",
-        *(f"/dev/vfio/{10 + m}" for m in (8, 5, 6, 7)),
-    ]
-    assert grant.envs["NVSWITCH_DP_PARTITION_IDS"] == "2"
-    assert grant.envs["NVSWITCH_DP_PARTITION_MODULES"] == "5:6:7:8"
-    assert grant.annotations["nvswitch-dp.io/partition-ids"] == "2"
-    assert controller.book.in_use_ids == {2}
+    async with running_controller(tmp_path, unit=GPU_UNIT) as (controller, _):
+        request = [
+            "partition-2-gpu-8",
+            "partition-2-gpu-5",
+            "partition-2-gpu-6",
+            "partition-2-gpu-7",
+        ]
+        allocation = await controller.wait_allocation(controller.allocate(f"{R}-4x", [request]))
+        (grant,) = controller.grants(allocation)
+        assert grant.envs[ENV_4X].split(",") == [MODULE_MAP[m] for m in (8, 5, 6, 7)]
+        assert [d.container_path for d in grant.devices] == [
+            "/dev/vfio/vfio",
+            *(f"/dev/vfio/{10 + m}" for m in (8, 5, 6, 7)),
+        ]
+        assert grant.envs["NVSWITCH_DP_PARTITION_IDS"] == "2"
+        assert grant.envs["NVSWITCH_DP_PARTITION_MODULES"] == "5:6:7:8"
+        assert grant.annotations["nvswitch-dp.io/partition-ids"] == "2"
+        assert controller.machine.held_partitions() == {2}
 
 
 async def test_controller_refuses_a_partial_partition_and_claims_nothing(tmp_path: Path) -> None:
-    controller = await gpu_controller(tmp_path)
-    with pytest.raises(AllocationError, match="partition 1 lacks partition-1-gpu-4") as raised:
-        controller.begin_allocation(f"{R}-4x", gpus(1)[:3])
-    assert raised.value.kind == "refused"
-    with pytest.raises(AllocationError) as unknown:
-        controller.begin_allocation(f"{R}-4x", ["partition-1"])
-    assert unknown.value.kind == "unknown"
-    assert controller.book.in_use_ids == frozenset()
-    await trio.lowlevel.checkpoint()
+    async with running_controller(tmp_path, unit=GPU_UNIT) as (controller, _):
+        with pytest.raises(AllocationError, match="partition 1 lacks partition-1-gpu-4") as raised:
+            controller.allocate(f"{R}-4x", [gpus(1)[:3]])
+        assert raised.value.kind == "refused"
+        with pytest.raises(AllocationError) as unknown:
+            controller.allocate(f"{R}-4x", [["partition-1"]])
+        assert unknown.value.kind == "unknown"
+        assert controller.machine.held_partitions() == frozenset()
 
 
 # -- the daemon in gpu mode ------------------------------------------------------------------

@@ -13,119 +13,116 @@ import grpc
 import pytest
 import trio
 import trio.testing
-from test_controller import R, make_controller
+from node_helpers import R, allocate, inject, ops, running_controller
 
-from nvswitch_dp.controller import ACTIVATION_FAULT_HOLD_S, AllocationError, PartitionController
-from nvswitch_dp.daemon import FM_RESUME_PATIENCE_S, first_report
+from nvswitch_dp.controller import AllocationError, PartitionController
+from nvswitch_dp.daemon import FM_RESUME_PATIENCE_S, first_report, partitions_held
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore, inject_fault
+from nvswitch_dp.partitions.node import FAILURE_HOLD_S
 from nvswitch_dp.partitions.state import Phase, State
 from nvswitch_dp.ports import PodDevices
 from nvswitch_dp.testing.harness import DaemonProcess
 from nvswitch_dp.testing.kubelet import KubeletStandIn
 
 
-def inject(store: SimulatorStore, *specs: str) -> None:
-    sim = store.load()
-    for spec in specs:
-        inject_fault(sim, spec)
-    store.save(sim)
+async def supervise(controller: PartitionController) -> None:
+    controller.supervise()
+    await controller.settle()
 
 
-def ops(controller: PartitionController, operation: str, result: str) -> float:
-    value = controller.metrics.registry.get_sample_value(
-        "hgx_h200_partition_operations_total", {"operation": operation, "result": result}
-    )
-    return value or 0.0
-
-
-async def allocate(controller: PartitionController, resource: str, device: str) -> None:
-    await controller.complete_allocation(controller.begin_allocation(resource, [device]))
+def state(controller: PartitionController, pid: int) -> State:
+    return controller.view().view(pid).state
 
 
 async def test_after_an_fm_restart_set_activated_names_exactly_the_partitions_in_use(
     tmp_path: Path,
 ) -> None:
-    controller, store = await make_controller(tmp_path)
-    await allocate(controller, f"{R}-4x", "partition-1")
-    await controller.activate(5)  # pre-warmed by an operator, held by no pod
-    inject(store, "restart")
-    await controller.supervise_once()
-    sim = store.load()
-    assert not sim.awaiting_set_activated
-    assert sim.active == {1}
-    assert ops(controller, "set_activated", "SUCCESS") == 1
-    assert controller.book.phase(5) is Phase.INACTIVE  # FM dropped it; so do we
-    assert controller.book.state(1) is State.ALLOCATED
-    assert controller.book.fabric_fault is None
-    controller.book.check_invariants()
+    async with running_controller(tmp_path) as (controller, store):
+        await allocate(controller, f"{R}-4x", "partition-1")
+        await controller.activate(5)  # pre-warmed by an operator, held by no pod
+        inject(store, "restart")
+        await supervise(controller)
+        sim = store.load()
+        assert not sim.awaiting_set_activated
+        assert sim.active == {1}
+        assert ops(controller, "set_activated", "SUCCESS") == 1
+        view = controller.view()
+        assert view.view(5).phase is Phase.INACTIVE  # FM dropped it; so do we
+        assert view.view(1).state is State.ALLOCATED
+        assert view.fabric_problem is None
+        controller.machine.check_invariants()
 
 
-async def test_an_allocate_refused_by_a_restarting_fm_wakes_the_supervisor(
+async def test_an_allocate_refused_by_a_restarting_fm_resumes_it_at_once(
     tmp_path: Path,
 ) -> None:
-    controller, store = await make_controller(tmp_path)
-    inject(store, "restart")
-    with pytest.raises(AllocationError, match="NOT_CONFIGURED"):
+    async with running_controller(tmp_path) as (controller, store):
+        inject(store, "restart")
+        with pytest.raises(AllocationError, match="NOT_CONFIGURED"):
+            await allocate(controller, f"{R}-1x", "partition-7")
+        # The machine asked for set-activated itself, without waiting for the period.
+        await controller.settle()
+        assert ops(controller, "set_activated", "SUCCESS") == 1
+        assert state(controller, 7) is State.FREE
         await allocate(controller, f"{R}-1x", "partition-7")
-    assert controller.wake_supervisor.is_set()
-    assert controller.book.state(7) is State.UNHEALTHY  # out of the pool until resumed
-    await controller.supervise_once()
-    assert controller.book.state(7) is State.FREE
-    await allocate(controller, f"{R}-1x", "partition-7")
 
 
 async def test_an_unreachable_fm_empties_the_pool_but_keeps_partitions_in_use_healthy(
     tmp_path: Path,
 ) -> None:
-    controller, store = await make_controller(tmp_path)
-    await allocate(controller, f"{R}-2x", "partition-3")
-    inject(store, "unreachable")
-    await controller.supervise_once()
-    assert not controller.fabric_reachable
-    assert controller.metrics.registry.get_sample_value("hgx_h200_fabric_manager_up") == 0
-    assert controller.book.healthy(3)
-    assert not any(controller.book.healthy(pid) for pid in (2, 4, 5, 11))
-    assert ops(controller, "list", "CONNECTION_NOT_VALID") == 1
-    inject(store, "reachable")
-    await controller.supervise_once()
-    assert controller.fabric_reachable
-    assert controller.book.healthy(2) and controller.book.healthy(5)
+    async with running_controller(tmp_path) as (controller, store):
+        await allocate(controller, f"{R}-2x", "partition-3")
+        inject(store, "unreachable")
+        await supervise(controller)
+        view = controller.view()
+        assert not view.fabric_reachable
+        assert controller.metrics.registry.get_sample_value("hgx_h200_fabric_manager_up") == 0
+        assert view.healthy(3)
+        assert not any(view.healthy(pid) for pid in (2, 4, 5, 11))
+        assert ops(controller, "list", "CONNECTION_NOT_VALID") == 1
+        assert controller.machine.supervision_delay(10.0) == 1.0  # supervise every second
+        inject(store, "reachable")
+        await supervise(controller)
+        view = controller.view()
+        assert view.fabric_reachable
+        assert view.healthy(2) and view.healthy(5)
 
 
 async def test_degraded_nvlinks_and_a_gone_gpu_make_their_partitions_unhealthy(
     tmp_path: Path,
 ) -> None:
-    controller, store = await make_controller(tmp_path)
-    await allocate(controller, f"{R}-2x", "partition-4")  # modules 2 and 4
-    inject(store, "degrade=4:12", "gone=7")
-    await controller.supervise_once()
-    view = controller.book.view(4)
-    assert view.state is State.UNHEALTHY and "GPU 4 has 12 of 18 NVLinks" in (view.fault or "")
-    assert "GPU 7 is missing" in (controller.book.fault(13) or "")
-    assert not controller.book.healthy(5)  # modules 5 and 7
-    assert controller.book.healthy(6)  # modules 6 and 8
-    inject(store, "clear")
-    await controller.supervise_once()
-    assert controller.book.healthy(4) and controller.book.healthy(5)
+    async with running_controller(tmp_path) as (controller, store):
+        await allocate(controller, f"{R}-2x", "partition-4")  # modules 2 and 4
+        inject(store, "degrade=4:12", "gone=7")
+        await supervise(controller)
+        view = controller.view()
+        assert view.view(4).state is State.UNHEALTHY
+        assert "GPU 4 has 12 of 18 NVLinks" in (view.view(4).fault or "")
+        assert "GPU 7 is missing" in (view.view(13).fault or "")
+        assert not view.healthy(5)  # modules 5 and 7
+        assert view.healthy(6)  # modules 6 and 8
+        inject(store, "clear")
+        await supervise(controller)
+        assert controller.view().healthy(4) and controller.view().healthy(5)
 
 
 async def test_a_partition_fm_failed_to_activate_waits_out_the_hold(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    controller, store = await make_controller(tmp_path)
-    inject(store, "nvlink-error=6")
-    with pytest.raises(AllocationError, match="NVLINK_ERROR"):
-        await allocate(controller, f"{R}-2x", "partition-6")
-    await controller.supervise_once()
-    assert "NVLINK_ERROR" in (controller.book.fault(6) or "")
-    assert controller.book.healthy(5)  # the other pair is unaffected
-    inject(store, "clear")
-    await trio.sleep(ACTIVATION_FAULT_HOLD_S - 1)
-    await controller.supervise_once()
-    assert not controller.book.healthy(6)
-    await trio.sleep(2)
-    await controller.supervise_once()
-    assert controller.book.healthy(6)
+    async with running_controller(tmp_path) as (controller, store):
+        inject(store, "nvlink-error=6")
+        with pytest.raises(AllocationError, match="NVLINK_ERROR"):
+            await allocate(controller, f"{R}-2x", "partition-6")
+        await supervise(controller)
+        assert "NVLINK_ERROR" in (controller.view().view(6).fault or "")
+        assert controller.view().healthy(5)  # the other pair is unaffected
+        inject(store, "clear")
+        await trio.sleep(FAILURE_HOLD_S - 1)
+        await supervise(controller)
+        assert not controller.view().healthy(6)
+        await trio.sleep(2)
+        await supervise(controller)
+        assert controller.view().healthy(6)
 
 
 # -- the fmpm backend, end to end --------------------------------------------------------
@@ -197,7 +194,7 @@ async def test_a_plugin_starting_beside_a_restarted_fm_resumes_it_from_pod_resou
     inject_fault(sim, "restart")
     store.save(sim)
     pods = Pods([PodDevices("ml", "vm", "compute", f"{R}-4x", ("partition-1",))])
-    report = await first_report(SimulatedFabricManager(store), pods, R)
+    report = await first_report(SimulatedFabricManager(store), lambda: partitions_held(pods, R))
     assert report.active_ids == {1}  # 6 was held by nobody
     assert not store.load().awaiting_set_activated
 
@@ -211,6 +208,8 @@ async def test_without_pod_resources_a_restarted_fm_is_resumed_empty_before_it_d
     inject_fault(sim, "restart")
     store.save(sim)
     begin = trio.current_time()
-    report = await first_report(SimulatedFabricManager(store), Pods(None), R)
+    report = await first_report(
+        SimulatedFabricManager(store), lambda: partitions_held(Pods(None), R)
+    )
     assert report.active_ids == frozenset()
     assert FM_RESUME_PATIENCE_S <= trio.current_time() - begin < 60

@@ -168,7 +168,9 @@ ERRORS_BY_CODE: dict[int, type[FabricManagerError]] = {
     )
 }
 
-_TRANSIENT = frozenset({FmReturn.TIMEOUT, FmReturn.CONNECTION_NOT_VALID, FmReturn.NOT_CONFIGURED})
+# NOT_CONFIGURED is not transient: a restarted FM refuses everything until it is told
+# set-activated, so retrying a call only delays the supervisor that will tell it.
+_TRANSIENT = frozenset({FmReturn.TIMEOUT, FmReturn.CONNECTION_NOT_VALID})
 
 
 def error_for(code: int, operation: str, detail: str = "") -> FabricManagerError:

@@ -35,7 +35,7 @@ import random
 from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass
 
-from nvswitch_dp.partitions.state import PartitionBook
+from nvswitch_dp.partitions.state import Availability
 from nvswitch_dp.partitions.table import PartitionTable, device_id, partition_id_of
 
 __all__ = [
@@ -136,7 +136,7 @@ def remaining_after(
     return frozenset(available) - gone
 
 
-def remaining_available(book: PartitionBook, taken: Iterable[int]) -> frozenset[int]:
+def remaining_available(book: Availability, taken: Iterable[int]) -> frozenset[int]:
     """The partitions ``book`` would still call available if ``taken`` were taken now.
 
     Hypothetical: the book is only read. IDs not in the table are ignored.
@@ -157,7 +157,7 @@ def candidate(
 
 
 def preferred_allocation(
-    book: PartitionBook,
+    book: Availability,
     available: Sequence[str],
     must_include: Sequence[str],
     size: int,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from nvswitch_dp.partitions.table import Partition, PartitionTable
 
@@ -107,6 +108,16 @@ class IllegalTransition(StateError):
         self.phase = phase
         self.event = event
         super().__init__(f"partition {partition_id} cannot {event} while {phase.value}")
+
+
+class Availability(Protocol):
+    """What the allocation policy reads: the table and which partitions are free now.
+    A :class:`PartitionBook` and the node machine's immutable view both offer it."""
+
+    @property
+    def table(self) -> PartitionTable: ...
+
+    def available_ids(self) -> frozenset[int]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeVar
 
 from nvswitch_dp.partitions.policy import parse_device, preferred_allocation
-from nvswitch_dp.partitions.state import PartitionBook
+from nvswitch_dp.partitions.state import Availability
 from nvswitch_dp.partitions.table import (
     DeviceRef,
     Partition,
@@ -104,7 +104,7 @@ class AllocationUnit(ABC):
     @abstractmethod
     def preferred(
         self,
-        book: PartitionBook,
+        book: Availability,
         available: Sequence[str],
         must_include: Sequence[str],
         allocation_size: int,
@@ -143,7 +143,7 @@ class PartitionUnit(AllocationUnit):
 
     def preferred(
         self,
-        book: PartitionBook,
+        book: Availability,
         available: Sequence[str],
         must_include: Sequence[str],
         allocation_size: int,
@@ -223,7 +223,7 @@ class GpuUnit(AllocationUnit):
 
     def preferred(
         self,
-        book: PartitionBook,
+        book: Availability,
         available: Sequence[str],
         must_include: Sequence[str],
         allocation_size: int,

@@ -1,23 +1,24 @@
 """The kubelet's PodResources API: which devices pods still hold, and the release watcher.
 
-``watch_pod_resources`` reads ``List`` every period and hands partitions that no pod has
-held for the grace period to the controller for release (deactivation in FM). It is the
-only way to learn that a pod ended: the device-plugin API has no Deallocate.
+``watch_pod_resources`` reads ``List`` every period and feeds each reading (or the fact
+that it could not be read) to the node state machine, which decides what to release
+(rule N5 in ``partitions/node.py``). It is the only way to learn that a pod ended: the
+device-plugin API has no Deallocate.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import trio
 from grpclib.client import Channel
 
 from nvswitch_dp.controller import PartitionController
-from nvswitch_dp.partitions.release import ReleaseTracker
 from nvswitch_dp.partitions.table import partition_id_of
 from nvswitch_dp.plugin.grpc_trio import call_aio
-from nvswitch_dp.ports import PodDevices
+from nvswitch_dp.ports import PodDevices, PodResourcesClient
 from nvswitch_dp.proto import v1 as podresources
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,17 @@ class GrpcPodResourcesClient:
         ]
 
 
-def assigned_partitions(controller: PartitionController, holdings: list[PodDevices]) -> set[int]:
+def assigned_partitions(resources: Iterable[str], holdings: Iterable[PodDevices]) -> set[int]:
     """Partition IDs of our resources that some container holds.
 
     Either device form counts (``partition-3`` and ``partition-3-gpu-5`` both hold
     partition 3), whatever the configured unit: a pod admitted before the unit changed
     still holds its partition, and one GPU ID held is enough to keep it.
     """
+    ours = set(resources)
     assigned: set[int] = set()
     for holding in holdings:
-        if holding.resource_name not in controller.resources:
+        if holding.resource_name not in ours:
             continue
         for device in holding.device_ids:
             try:
@@ -79,40 +81,29 @@ def assigned_partitions(controller: PartitionController, holdings: list[PodDevic
 
 async def watch_pod_resources(
     controller: PartitionController,
-    client: GrpcPodResourcesClient,
-    grace: float,
+    client: PodResourcesClient,
     interval: float,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Release partitions no pod has held for ``grace`` seconds; check every ``interval``.
+    """Feed a PodResources reading to the controller every ``interval`` seconds.
 
-    Error handling: when PodResources cannot be read nothing is released and the grace
-    clocks start again once it can; FM errors on deactivation leave the partition
-    active and are retried on the next period.
+    Error handling: a reading that fails (any error, or no answer within
+    ``LIST_TIMEOUT_S``) is fed as "unreadable", and the machine releases nothing on it.
     """
-    tracker = ReleaseTracker(grace)
     unreachable_logged = False
     task_status.started()
     while True:
+        assigned: set[int] | None = None
         try:
-            holdings = await client.list_assigned()
+            with trio.fail_after(LIST_TIMEOUT_S + 1.0):
+                holdings = await client.list_assigned()
         except Exception as exc:  # any failure to read: release nothing
             if not unreachable_logged:
                 log.warning("PodResources unreadable (%s); releasing nothing", exc)
                 unreachable_logged = True
-            controller.pod_resources_reachable = False
-            tracker.reset()
         else:
             unreachable_logged = False
-            controller.pod_resources_reachable = True
-            due = tracker.observe(
-                trio.current_time(),
-                controller.book.in_use_ids,
-                assigned_partitions(controller, holdings),
-                controller.claimed_at,
-            )
-            for pid in due:
-                await controller.release(pid)
-            await controller.retry_pending_deactivations()
+            assigned = assigned_partitions(controller.layout.resources, holdings)
+        controller.pod_resources(assigned)
         await trio.sleep(interval)

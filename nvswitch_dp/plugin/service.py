@@ -9,9 +9,10 @@ is the controller's :class:`~nvswitch_dp.partitions.units.AllocationUnit`; this 
 asks it and never branches on the unit itself.
 
 Errors: Allocate maps :class:`AllocationError` to gRPC status codes (NOT_FOUND for an
-unknown device, FAILED_PRECONDITION when another partition blocks it, UNAVAILABLE when
-FM fails) with a message that names the blocking partition, or under the ``gpu`` unit
-the GPUs missing from a partial request. GetPreferredAllocation
+unknown device, INVALID_ARGUMENT for a device named twice, FAILED_PRECONDITION when
+another partition blocks it, UNAVAILABLE when FM fails) with a message that names the
+blocking partition, or under the ``gpu`` unit the GPUs missing from a partial request.
+GetPreferredAllocation
 never fails: an error there fails the pod's admission, so it answers with its best
 effort instead.
 """
@@ -26,7 +27,8 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from trio_asyncio import trio_as_aio
 
-from nvswitch_dp.controller import AllocationError, AllocationPlan, PartitionController
+from nvswitch_dp.controller import AllocationError, ContainerGrant, PartitionController
+from nvswitch_dp.partitions.node import RequestStatus
 from nvswitch_dp.proto import v1beta1 as dp
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ UNHEALTHY = "Unhealthy"
 
 _STATUS_BY_KIND = {
     "unknown": Status.NOT_FOUND,
+    "invalid": Status.INVALID_ARGUMENT,
     "refused": Status.FAILED_PRECONDITION,
     "fabric": Status.UNAVAILABLE,
 }
@@ -47,16 +50,17 @@ class DevicePluginService(dp.DevicePluginBase):
     def __init__(self, controller: PartitionController, resource: str) -> None:
         self.controller = controller
         self.resource = resource
-        self.size = controller.resources[resource]
+        self.size = controller.layout.resources[resource]
 
     def device_list(self) -> list[dp.Device]:
-        book = self.controller.book
+        view = self.controller.view()
+        layout = self.controller.layout
         devices = []
-        for partition in book.table.of_size(self.size):
-            numa = self.controller.topology(partition)
-            health = HEALTHY if book.healthy(partition.partition_id) else UNHEALTHY
+        for partition in view.table.of_size(self.size):
+            numa = layout.topology(partition)
+            health = HEALTHY if view.healthy(partition.partition_id) else UNHEALTHY
             # Every device of a partition (one, or one per GPU) shares its health and NUMA.
-            for device in self.controller.unit.device_ids(partition):
+            for device in layout.unit.device_ids(partition):
                 devices.append(
                     dp.Device(
                         id=device,
@@ -90,10 +94,11 @@ class DevicePluginService(dp.DevicePluginBase):
         self, message: dp.PreferredAllocationRequest
     ) -> dp.PreferredAllocationResponse:
         responses = []
+        view = self.controller.view()
         for request in message.container_requests:
             try:
-                chosen = self.controller.unit.preferred(
-                    self.controller.book,
+                chosen = self.controller.layout.unit.preferred(
+                    view,
                     request.available_deviceIDs,
                     request.must_include_deviceIDs,
                     request.allocation_size,
@@ -108,32 +113,42 @@ class DevicePluginService(dp.DevicePluginBase):
         return dp.PreferredAllocationResponse(container_responses=responses)
 
     async def allocate(self, message: dp.AllocateRequest) -> dp.AllocateResponse:
+        """All containers' devices at once (the machine undoes a failure itself).
+
+        Cancellation (a client deadline, a closed channel, our shutdown) only stops the
+        wait: the FM calls belong to the controller's runner and finish on their own,
+        and what the request took is released by the usual rule once no pod holds it.
+        """
         started = time.perf_counter()
-        plans: list[AllocationPlan] = []  # completed ones, in order
+        controller = self.controller
         try:
-            for request in message.container_requests:
-                plan = self.controller.begin_allocation(self.resource, request.devices_ids)
-                if plan.needs_fabric:
-                    await trio_as_aio(self.controller.complete_allocation)(plan)
-                plans.append(plan)
+            allocation = controller.allocate(
+                self.resource, [list(r.devices_ids) for r in message.container_requests]
+            )
+            try:
+                if allocation.result.status is not RequestStatus.GRANTED:
+                    allocation = await trio_as_aio(controller.wait_allocation)(allocation)
+            finally:
+                controller.forget(allocation.request_id)
         except AllocationError as exc:
-            # All or nothing: a failed container request undoes itself; undo the others.
-            for done in plans:
-                await trio_as_aio(self.controller.abandon)(done)
             log.warning("Allocate %s refused: %s", self.resource, exc)
             raise GRPCError(_STATUS_BY_KIND[exc.kind], str(exc)) from None
-        responses = [self._container_response(plan) for plan in plans]
-        self.controller.metrics.allocation_duration.labels(resource=self.resource).observe(
+        responses = [self._container_response(g) for g in controller.grants(allocation)]
+        controller.metrics.allocation_duration.labels(resource=self.resource).observe(
             time.perf_counter() - started
         )
         log.info(
             "allocated %s to a container",
-            ", ".join(p.device_id for plan in plans for p in plan.partitions),
+            ", ".join(
+                controller.view().table[pid].device_id
+                for s in allocation.containers
+                for pid in s.partition_ids
+            ),
         )
         return dp.AllocateResponse(container_responses=responses)
 
-    def _container_response(self, plan: AllocationPlan) -> dp.ContainerAllocateResponse:
-        grant = self.controller.grant(plan)
+    @staticmethod
+    def _container_response(grant: ContainerGrant) -> dp.ContainerAllocateResponse:
         return dp.ContainerAllocateResponse(
             envs=dict(grant.envs),
             annotations=dict(grant.annotations),
