@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +28,13 @@ from nvswitch_dp.fabric.fmpm import (
     FmpmError,
     FmpmFabricManager,
     FmpmOutputError,
+    ProcessLedger,
     ProcessResult,
     command_line,
     fm_code_from_status,
     parse_failure,
     parse_partition_list,
+    process_identity,
 )
 from nvswitch_dp.fabric.types import (
     FabricManagerError,
@@ -445,6 +451,134 @@ async def test_fmpm_backend_missing_program() -> None:
     fm = FmpmFabricManager(["/nonexistent/fmpm"], "127.0.0.1", timeout=5, retries=3)
     with pytest.raises(FmpmError, match="not found"):
         await fm.list_partitions()
+
+
+# --- fmpm runs a killed daemon left behind ---------------------------------------------
+
+# A daemon in miniature: the fmpm backend activating partition 3, recording its runs under
+# the state directory given as argv[2] (argv[1]: the fake fmpm's state file).
+_DAEMON = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import trio
+    from nvswitch_dp.fabric.fmpm import FmpmFabricManager
+    command = [sys.executable, "-m", "nvswitch_dp.fabric.fmpm_sim", "--state-file", sys.argv[1]]
+    fm = FmpmFabricManager(command, timeout=120, retries=0, state_dir=Path(sys.argv[2]))
+    trio.run(fm.activate, 3)
+    """
+)
+
+
+def _wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until true; fail the test (not hang it) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def _records(directory: Path) -> dict[int, dict[str, Any]]:
+    if not directory.exists():
+        return {}
+    return {int(p.name): json.loads(p.read_text()) for p in directory.iterdir()}
+
+
+async def test_the_next_daemon_kills_the_fmpm_run_a_sigkilled_daemon_left(
+    tmp_path: Path, state: Path
+) -> None:
+    _inject(state, "slow-activation=60")
+    state_dir = tmp_path / "daemon-state"
+    ledger_dir = state_dir / "fmpm-processes"
+    daemon = subprocess.Popen(  # noqa: ASYNC220 (a test driving a process by hand)
+        [sys.executable, "-c", _DAEMON, str(state), str(state_dir)]
+    )
+    try:
+        _wait_for(lambda: _records(ledger_dir), "the daemon's fmpm -a 3 to be recorded")
+        ((child, record),) = _records(ledger_dir).items()
+        assert record["argv"][-2:] == ["-a", "3"]
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    # The daemon is gone; its fmpm run is not, and would activate 3 behind the next one.
+    assert process_identity(child) == record["identity"]
+    restarted = FmpmFabricManager(_sim_command(state), timeout=20, retries=0, state_dir=state_dir)
+    try:
+        with trio.fail_after(30):
+            report = await restarted.list_partitions()
+    finally:
+        if process_identity(child) == record["identity"]:
+            os.kill(child, signal.SIGKILL)  # the test failed: leave nothing running
+    assert process_identity(child) is None
+    assert report.active_ids == frozenset()  # killed mid-activation: FM never did it
+    assert _records(ledger_dir) == {}
+
+
+async def test_runs_are_recorded_only_while_they_run(tmp_path: Path, state: Path) -> None:
+    ledger_dir = tmp_path / "fmpm-processes"
+    fm = FmpmFabricManager(_sim_command(state), timeout=20, retries=0, state_dir=tmp_path)
+    await fm.activate(3)
+    assert _records(ledger_dir) == {}
+    _inject(state, "slow-activation=60")
+    with trio.move_on_after(1.0):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fm.activate, 4)
+            while not _records(ledger_dir):  # noqa: ASYNC110 (a file appearing: no event)
+                await trio.sleep(0.02)
+            (child,) = _records(ledger_dir)
+            nursery.cancel_scope.cancel()  # a cancelled call kills its run, then forgets it
+    assert process_identity(child) is None
+    assert _records(ledger_dir) == {}
+
+
+async def test_the_ledger_kills_only_the_very_process_another_daemon_recorded(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "fmpm-processes"
+    directory.mkdir()
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    sleepers = [subprocess.Popen(sleep) for _ in range(3)]  # noqa: ASYNC220
+    try:
+        reused, ours, leftover = sleepers
+        mine = process_identity(os.getpid())
+
+        def write(
+            process: subprocess.Popen[bytes], identity: str | None, owner: str | None
+        ) -> None:
+            entry = {"identity": identity, "owner": owner, "argv": ["fmpm", "-a", "1"]}
+            (directory / str(process.pid)).write_text(json.dumps(entry))
+
+        # The PID now names another process (its start time differs): not killed.
+        write(reused, "boot/1", "another daemon")
+        # Recorded by this very daemon (a run of ours in flight): not killed.
+        write(ours, process_identity(ours.pid), mine)
+        # Still the process a killed daemon left: killed.
+        write(leftover, process_identity(leftover.pid), "another daemon")
+        (directory / ".77.tmp").write_text("{")  # a record cut short by the kill
+        (directory / "78").write_text("not json")
+        with trio.fail_after(30):
+            killed = await ProcessLedger(directory).kill_leftovers()
+        assert killed == [leftover.pid]
+        assert leftover.wait(timeout=30) == -signal.SIGKILL
+        assert reused.poll() is None and ours.poll() is None
+        assert sorted(p.name for p in directory.iterdir()) == [str(ours.pid)]
+    finally:
+        for process in sleepers:
+            process.kill()
+            process.wait()
+
+
+def test_process_identity_is_none_for_a_reaped_process() -> None:
+    done = subprocess.run([sys.executable, "-c", "pass"], check=True)
+    assert done.returncode == 0
+    assert process_identity(os.getpid()) is not None
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert process_identity(child.pid) is None
 
 
 # --- the fake fmpm's command line, as fmpm.cpp's main() behaves ---------------------------

@@ -19,16 +19,30 @@ what this module relies on:
 
 The parsing functions are pure and tested on literal output; :class:`FmpmFabricManager`
 is the I/O around them.
+
+A daemon killed with SIGKILL cannot kill its ``fmpm`` children, and they finish their
+operation after it is gone (an ``fmpm -a`` turning a partition active behind the next
+daemon's back). So each run is written down in a :class:`ProcessLedger` under the
+daemon's state directory while it runs, and the next daemon kills whatever its
+predecessor left running before its own first FM call. ``PR_SET_PDEATHSIG`` is not used:
+Trio starts processes from a worker thread, the signal follows the death of that
+*thread*, and Trio's idle worker threads exit after 10 s, which would kill a slow but
+healthy ``fmpm`` run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
+import os
 import re
+import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -236,33 +250,210 @@ def command_line(
     raise ValueError(f"unknown fmpm operation {operation!r}")
 
 
+# --- processes a killed daemon left behind ------------------------------------------------
+
+LEDGER_DIRECTORY = "fmpm-processes"  # under the daemon's state directory
+LEFTOVER_EXIT_DEADLINE_S = 2.0  # a SIGKILLed leftover is gone well before this
+
+
+def process_identity(pid: int, proc: Path = Path("/proc")) -> str | None:
+    """``<boot ID>/<start time>`` of process ``pid``: unique for as long as the machine
+    runs and across reboots, unlike the PID. None when it is gone, a zombie, or there is
+    no ``/proc`` (then nothing is recorded)."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+        boot_id = (proc / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+    except OSError:
+        return None
+    # Field 2 (the command) may hold spaces and parentheses: split after the last ")".
+    fields = stat.rsplit(")", 1)[-1].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return f"{boot_id}/{fields[19]}"
+
+
+class ProcessLedger:
+    """The ``fmpm`` processes this daemon runs, one file each under ``directory``.
+
+    A file is named by the PID and holds the process's :func:`process_identity`, its
+    owner's identity (the daemon that started it) and its argv. :meth:`record` writes it
+    once the process runs, :meth:`forget` removes it once the process has been reaped, so
+    after a SIGKILL of the daemon exactly the runs in flight are left.
+    :meth:`kill_leftovers` (the next daemon, before its first FM call) kills each one that
+    is still that very process and was not started by this daemon.
+
+    Ownership: the files under ``directory``; the directory is created on the first
+    record. Errors: ``OSError`` from :meth:`record` when the directory cannot be written
+    (the caller logs it and runs ``fmpm`` anyway); the others log and carry on, as a
+    leftover that cannot be killed must not stop the daemon.
+    """
+
+    def __init__(self, directory: Path, *, proc: Path = Path("/proc")) -> None:
+        self.directory = directory
+        self._proc = proc
+        self._owner: str | None = None
+
+    def _owner_identity(self) -> str | None:
+        if self._owner is None:
+            self._owner = process_identity(os.getpid(), self._proc)
+        return self._owner
+
+    def record(self, pid: int, argv: Sequence[str]) -> None:
+        identity = process_identity(pid, self._proc)
+        if identity is None:
+            return  # already gone (or no /proc): nothing can be left of it
+        self.directory.mkdir(parents=True, exist_ok=True)
+        entry = {"identity": identity, "owner": self._owner_identity(), "argv": list(argv)}
+        path = self.directory / str(pid)
+        staging = path.with_name(f".{pid}.tmp")
+        staging.write_text(json.dumps(entry))
+        staging.replace(path)  # whole or absent, even if we are killed while writing
+
+    def forget(self, pid: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / str(pid)).unlink()
+
+    def leftovers(self) -> dict[int, list[str]]:
+        """Recorded processes of another daemon that still run: PID -> argv. Records of
+        processes that are gone (or whose PID now names another process) are removed."""
+        found: dict[int, list[str]] = {}
+        try:
+            paths = list(self.directory.iterdir())
+        except FileNotFoundError:
+            return found
+        except OSError as exc:
+            log.warning("cannot read %s: %s", self.directory, exc)
+            return found
+        for path in paths:
+            if not path.name.isdigit():
+                with contextlib.suppress(OSError):
+                    path.unlink()  # a record cut short while being written
+                continue
+            pid = int(path.name)
+            try:
+                entry = json.loads(path.read_text())
+                identity, owner, argv = entry["identity"], entry["owner"], entry["argv"]
+            except (OSError, ValueError, KeyError, TypeError):
+                identity = owner = argv = None
+            if owner is not None and owner == self._owner_identity():
+                continue  # our own run, in flight right now
+            if identity is not None and process_identity(pid, self._proc) == identity:
+                found[pid] = [str(a) for a in argv] if isinstance(argv, list) else []
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return found
+
+    async def kill_leftovers(self, deadline: float = LEFTOVER_EXIT_DEADLINE_S) -> list[int]:
+        """SIGKILL every :meth:`leftovers` process, wait (up to ``deadline`` seconds) for
+        them to be gone, remove their records; the PIDs killed."""
+        killed = []
+        for pid, argv in sorted(self.leftovers().items()):
+            if _kill_if_same(pid, (self.directory / str(pid)), self._proc):
+                log.warning(
+                    "killed fmpm process %d, left running by a daemon that was killed: %s",
+                    pid,
+                    " ".join(argv),
+                )
+                killed.append(pid)
+        with trio.move_on_after(deadline) as scope:
+            # Not our children: nothing tells us of their end, so look.
+            while any(process_identity(p, self._proc) is not None for p in killed):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        if scope.cancelled_caught:
+            log.warning("fmpm processes %s still exist after SIGKILL", killed)
+        for pid in killed:
+            self.forget(pid)
+        return killed
+
+
+def _kill_if_same(pid: int, record: Path, proc: Path) -> bool:
+    """SIGKILL ``pid`` if it is still the process ``record`` names; True if signalled.
+
+    Through a pidfd where the kernel has them: the identity is checked on the pidfd's
+    process, so a PID reused between the check and the signal is never hit.
+    """
+    try:
+        identity = json.loads(record.read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfds here: check, then signal by PID
+        pidfd = None
+    try:
+        if process_identity(pid, proc) != identity:
+            return False
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError as exc:
+        log.warning("cannot kill leftover fmpm process %d: %s", pid, exc)
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
 # --- I/O --------------------------------------------------------------------------------
 
 
-async def run_fmpm(argv: Sequence[str]) -> ProcessResult:
+async def run_fmpm(argv: Sequence[str], ledger: ProcessLedger | None = None) -> ProcessResult:
     """Run ``argv`` (no shell) and capture its output; kill it at once when cancelled.
 
-    Errors: :class:`FmpmError` if the program cannot be started.
+    With a ``ledger``, the process is recorded there while it runs (see
+    :class:`ProcessLedger`). Errors: :class:`FmpmError` if the program cannot be started.
     """
 
     async def kill(process: trio.Process) -> None:
         # fmpm holds no state worth a graceful exit: FM finishes the operation either way.
         process.kill()
 
-    try:
-        proc = await trio.run_process(
-            list(argv),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            deliver_cancel=kill,
+    done: list[Any] = []
+
+    async def run(*, task_status: trio.TaskStatus[trio.Process]) -> None:
+        done.append(
+            await trio.run_process(
+                list(argv),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                deliver_cancel=kill,
+                task_status=task_status,
+            )
         )
-    except FileNotFoundError:
-        raise FmpmError(
-            "run fmpm", f"program {argv[0]!r} not found (set fabric_manager.fmpm_path)"
-        ) from None
-    except PermissionError:
-        raise FmpmError("run fmpm", f"program {argv[0]!r} is not executable") from None
+
+    pid: int | None = None
+    not_started: OSError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                process: trio.Process = await nursery.start(run)
+            except (FileNotFoundError, PermissionError) as exc:
+                not_started = exc  # raised below, not as the nursery's ExceptionGroup
+            else:
+                if ledger is not None:
+                    # No checkpoint since the start: a cancellation cannot come in between.
+                    pid = process.pid
+                    try:
+                        ledger.record(pid, argv)
+                    except OSError as exc:
+                        log.warning("cannot record fmpm process %d: %s", pid, exc)
+    finally:
+        # run_process returns (or raises) only once the process has been reaped.
+        if ledger is not None and pid is not None:
+            ledger.forget(pid)
+    if isinstance(not_started, FileNotFoundError):
+        raise FmpmError("run fmpm", f"program {argv[0]!r} not found (set fabric_manager.fmpm_path)")
+    if not_started is not None:
+        raise FmpmError("run fmpm", f"program {argv[0]!r} is not executable")
+    proc = done[0]
     return ProcessResult(
         proc.returncode,
         proc.stdout.decode(errors="replace"),
@@ -279,8 +470,12 @@ class FmpmFabricManager:
     after it); ``retries`` further attempts for transient codes (TIMEOUT,
     CONNECTION_NOT_VALID, NOT_CONFIGURED) with exponential backoff from ``backoff``
     seconds up to ``backoff_max``. ``runner`` replaces the process runner (tests).
+    ``state_dir``: the daemon's state directory; each running ``fmpm`` process is
+    recorded under ``<state_dir>/fmpm-processes`` and the first call kills what a killed
+    predecessor left running there (:class:`ProcessLedger`). None: nothing recorded.
 
-    Ownership: owns no long-lived resource; each call starts and reaps its own process.
+    Ownership: owns no long-lived resource; each call starts and reaps its own process,
+    and the first call kills the leftovers of a killed daemon with the same state dir.
     Errors: FM's typed errors from :func:`parse_failure` (IN_USE and BADPARAM are never
     retried); :class:`~nvswitch_dp.fabric.types.FmTimeout` when a run outlasts
     ``timeout`` (after retries); :class:`FmpmError` for a missing program or a malformed
@@ -301,6 +496,7 @@ class FmpmFabricManager:
         backoff: float = 0.2,
         backoff_max: float = 5.0,
         runner: Runner | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         if not command:
             raise ValueError("fmpm command is empty")
@@ -314,11 +510,30 @@ class FmpmFabricManager:
         self.retries = retries
         self.backoff = backoff
         self.backoff_max = backoff_max
-        self._run = runner or run_fmpm
+        self.ledger = ProcessLedger(state_dir / LEDGER_DIRECTORY) if state_dir else None
+        self._run = runner or functools.partial(run_fmpm, ledger=self.ledger)
+        self._leftovers_done: trio.Event | None = None
+
+    async def kill_leftovers(self) -> list[int]:
+        """Kill the ``fmpm`` runs a killed daemon left: once, in the first call; calls
+        made meanwhile wait for it. The PIDs killed."""
+        if self.ledger is None:
+            return []
+        if self._leftovers_done is not None:
+            await self._leftovers_done.wait()
+            return []
+        self._leftovers_done = trio.Event()
+        try:
+            return await self.ledger.kill_leftovers()
+        finally:
+            self._leftovers_done.set()
 
     async def _call(self, operation: str, what: str, ids: Sequence[int] = ()) -> ProcessResult:
         """One operation with timeout and retries; returns the successful run."""
         argv = command_line(self.command, self.endpoint, operation, ids)
+        # Before anything of ours reaches FM: a leftover finishing later would change FM
+        # behind our back.
+        await self.kill_leftovers()
         delay = self.backoff
         attempt = 0
         while True:
