@@ -59,7 +59,8 @@ def report(result: CampaignResult, settings: CampaignSettings) -> str:
         f"| convergence median / worst (s) | "
         f"{_s(median)} / {_s(worst)} (bound {settings.bound_s:g} s "
         f"+ {settings.slack_s:g} s slack) |",
-        f"| FM subprocesses outliving a killed daemon | {result.orphaned_fm_processes} |",
+        f"| FM subprocesses alive after a daemon SIGKILL | {result.orphaned_fm_processes} |",
+        f"| - still alive once the next daemon served | {result.fm_processes_outliving_restart} |",
     ]
     return "\n".join(lines)
 

@@ -13,7 +13,9 @@ the operator. A seeded generator draws one :class:`Step` at a time:
   NVLink errors, degraded links, a partition activated behind the daemon's back
   (``fmpm -a`` by hand);
 * the daemon: SIGKILL (idle, or in the middle of an Allocate) and restart, SIGTERM
-  (must exit 0 within :data:`SIGTERM_DEADLINE_S`) and restart;
+  (must exit 0 within :data:`SIGTERM_DEADLINE_S`, sent once the process catches SIGTERM:
+  before that, during its exec and interpreter start, the kernel's default action ends
+  it) and restart;
 * the operator: activate, deactivate (with and without force), drain, undrain;
 * ``settle``: every fault cleared, then the convergence and serving checks.
 
@@ -24,8 +26,10 @@ After every step (see :meth:`Campaign.check_invariants`):
    is in PodResources and has not ended, unless the campaign forced it off through REST;
    a plain REST deactivate of it must be refused;
 3. at ``settle`` (after the faults clear) everything converges within one supervision
-   period plus the release grace (plus :attr:`CampaignSettings.slack`): nothing
-   activating or deactivating, nothing blocked with nothing occupying its blocker,
+   period plus the release grace (plus :attr:`CampaignSettings.slack`, plus what is left
+   of a slow activation started before the clear: FM takes that long whatever follows):
+   nothing activating, deactivating or unsettled (an FM call whose outcome is unknown:
+   legitimate on the way, not at the end), nothing blocked with nothing occupying its blocker,
    nothing unhealthy without a cause, nothing active in FM that no pod holds and the
    operator did not pre-warm, REST and the kubelet's ListAndWatch agreeing with FM
    (:func:`convergence_problems`, pure); the time it took is measured;
@@ -88,6 +92,7 @@ ALLOCATE_DEADLINE_S = 10.0  # an Allocate still unanswered after this is a hung 
 REST_DEADLINE_S = 10.0
 START_DEADLINE_S = 30.0  # daemon start (FM reachable) to every resource registered
 SIGTERM_DEADLINE_S = 3.0
+SIGTERM_HANDLER_DEADLINE_S = 10.0  # exec to the daemon catching SIGTERM (imports included)
 ORPHAN_DEADLINE_S = 10.0  # FM subprocesses of a killed daemon: waited for this long
 FAULT_HOLD_S = 65.0  # the daemon holds a partition out for 60 s after a failed activation
 SLOW_ACTIVATIONS_S = (0.5, 1.0, 1.5, 2.5, 3.0)
@@ -230,6 +235,9 @@ class Model:
     drained: set[int] = field(default_factory=set)
     unreachable: bool = False
     slow: float = 0.0
+    # An FM activation started while ``slow`` was set takes that long, whatever came
+    # after: the latest time one of them may still end (monotonic seconds).
+    slow_calls_end: float = 0.0
     nvlink_errors: set[int] = field(default_factory=set)
     degraded: bool = False
     pods_down: bool = False
@@ -371,7 +379,9 @@ class CampaignResult:
     faults: Counter[str] = field(default_factory=Counter)
     violations: list[Violation] = field(default_factory=list)
     convergence_s: list[float] = field(default_factory=list)
-    orphaned_fm_processes: int = 0
+    orphaned_fm_processes: int = 0  # alive right after a SIGKILL of the daemon
+    # ... and still alive once the next daemon had started (it should have killed them).
+    fm_processes_outliving_restart: int = 0
     seconds: float = 0.0
 
     @property
@@ -529,6 +539,8 @@ class Campaign:
         self.daemon: DaemonProcess | None = None
         self.api_up = False
         self.orphans: set[tuple[int, str]] = set()  # (PID, start time): no PID reuse
+        # Orphans of a kill not yet looked at after the next daemon started.
+        self._orphans_to_check: set[tuple[int, str]] = set()
         self.trail: list[str] = []
         self.step_index = 0
         self._reported: set[str] = set()
@@ -621,7 +633,17 @@ class Campaign:
         except (TimeoutError, RuntimeError):
             return False
         self.api_up = True
+        self._check_orphans_after_start()
         return True
+
+    def _check_orphans_after_start(self) -> None:
+        # A daemon kills the FM subprocesses its killed predecessor left before its first
+        # FM call, so none may be running once it serves.
+        survivors = {p for p in self._orphans_to_check if _pid_alive(p)}
+        self._orphans_to_check.clear()
+        if survivors:
+            self.result.fm_processes_outliving_restart += len(survivors)
+            self._say(f"FM subprocesses of a killed daemon still run: {sorted(survivors)}")
 
     def _devices(self, name: str) -> dict[str, str]:
         try:
@@ -668,6 +690,7 @@ class Campaign:
         survivors = {c for c in children if _pid_alive(c)}
         self.result.orphaned_fm_processes += len(survivors)
         self.orphans |= survivors
+        self._orphans_to_check |= survivors
         self.api_up = False
 
     def _stop_daemon(self) -> None:
@@ -688,6 +711,7 @@ class Campaign:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.orphans.clear()
+        self._orphans_to_check.clear()
 
     # -- recording
 
@@ -1084,11 +1108,30 @@ class Campaign:
         self._say("daemon killed; restarting")
         self._restart_daemon()
 
+    def _await_sigterm_handler(self, process: subprocess.Popen[bytes]) -> bool:
+        """Wait until ``process`` catches SIGTERM (or has exited); False if it never did.
+
+        Before that the kernel's default action ends it with status -15, and no program
+        can help that during its own exec and interpreter start; from then on a SIGTERM
+        must end it with 0 (the daemon installs its handler before it waits for FM).
+        """
+        deadline = time.monotonic() + SIGTERM_HANDLER_DEADLINE_S
+        while process.poll() is None and not _catches_sigterm(process.pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def _daemon_term(self) -> None:
         if self.daemon is None or self.daemon.process is None:
             return
         process = self.daemon.process
         started = self.api_up
+        if process.poll() is None and not self._await_sigterm_handler(process):
+            self.violate(
+                "shutdown",
+                f"no SIGTERM handler {SIGTERM_HANDLER_DEADLINE_S:g} s after the daemon started",
+            )
         if process.poll() is None:
             begin = time.monotonic()
             process.send_signal(signal.SIGTERM)
@@ -1122,6 +1165,8 @@ class Campaign:
             self._fault(f"FM {name}")
         self.fm.inject(spec)
         model = self.model
+        if name in ("slow-activation", "clear"):
+            model.slow_calls_end = max(model.slow_calls_end, time.monotonic() + model.slow)
         if name == "unreachable":
             model.unreachable = True
         elif name == "reachable":
@@ -1311,8 +1356,10 @@ class Campaign:
             for module in sorted(self.model.drained):
                 self._rest_step("rest-undrain", module)
         settings = self.settings
-        limit = settings.bound_s + settings.slack_s
         begin = time.monotonic()
+        # A slow activation still in flight ends when it ends; convergence starts then.
+        in_flight = max(0.0, self.model.slow_calls_end - begin)
+        limit = settings.bound_s + settings.slack_s + in_flight
         problems: list[str] = []  # the latest non-empty reading
         pending_at = 0.0  # when that reading was taken, seconds after the faults cleared
         converged_after: float | None = None
@@ -1332,9 +1379,10 @@ class Campaign:
                 if converged_after is not None
                 else f"not converged after {limit + 10:.0f} s"
             )
+            slow = f" + {in_flight:.2f} s of slow activations in flight" if in_flight else ""
             self.violate(
                 "convergence",
-                f"{late} (bound {settings.bound_s:g} s + {settings.slack_s:g} s slack); "
+                f"{late} (bound {settings.bound_s:g} s + {settings.slack_s:g} s slack{slow}); "
                 f"still seen {pending_at:.2f} s after the faults cleared: "
                 + "; ".join(problems[:12]),
             )
@@ -1390,6 +1438,18 @@ def _start_time(pid: int) -> str | None:
     except OSError:
         return None
     return None if fields[0] == "Z" else fields[19]
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler (``SigCgt`` in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
 
 
 def _pid_alive(process: tuple[int, str]) -> bool:
