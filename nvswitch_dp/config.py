@@ -6,8 +6,12 @@ Precedence, lowest first (NVIDIA ``api/config/v1``'s order):
 2. the YAML file: ``--config FILE``, else ``$HGX_H200_CONFIG_PATH`` (see :func:`load_config`);
 3. environment overrides: ``HGX_H200_LOG_LEVEL`` (``log.level``), ``HGX_H200_FMPM_ENDPOINT``
    (``fabric_manager.endpoint``), ``HGX_H200_SOCKET_PATH`` (``plugin.directory``; a path
-   ending in ``.sock`` means the directory it is in). An empty variable counts as unset;
+   ending in ``.sock`` means the directory it is in). In DRA mode only, ``NODE_NAME``
+   (``dra.node_name``; :func:`apply_dra_env`). An empty variable counts as unset;
 4. command-line flags, applied with :func:`with_overrides`.
+
+What no single layer can tell (DRA mode needs a node name) is checked once every layer is
+applied, by :func:`check_complete`.
 
 Every layer is validated by the same code, so a bad value from any of them raises
 :class:`ConfigError` naming the source and the full key path, e.g.
@@ -44,6 +48,11 @@ LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 LOG_FORMATS = ("text", "json")
 FM_BACKENDS = ("fmpm", "libnvfm", "simulator")
 ALLOCATION_UNITS = ("partition", "gpu")  # nvswitch_dp.partitions.units.UNIT_NAMES
+PLUGIN_MODES = ("device-plugin", "dra")  # nvswitch_dp.partitions.node.Mode values
+ENV_NODE_NAME = "NODE_NAME"  # DRA mode's node name (the downward API's spec.nodeName)
+DEFAULT_DRA_DRIVER = "gpu.nvswitch-dp.io"
+DEFAULT_KUBELET_PLUGINS_DIR = "/var/lib/kubelet/plugins"
+MAX_DRIVER_NAME = 63  # resource.k8s.io: a driver name is a DNS subdomain of <= 63 chars
 MAX_MODULE_ID = 16  # FM's limit: 16 GPUs per node
 # Longest suffix a resource name gets ("-16x"); the name part must stay within 63 chars.
 _LONGEST_SIZE_SUFFIX = len("-16x")
@@ -81,6 +90,8 @@ class PluginConfig:
     release_grace_seconds: float = 30.0
     # What one kubelet device is: a whole partition, or one GPU of one (KubeVirt).
     allocation_unit: Literal["partition", "gpu"] = "partition"
+    # How the node offers its partitions: kubelet device plugins, or a DRA driver.
+    mode: Literal["device-plugin", "dra"] = "device-plugin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,25 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DraConfig:
+    """DRA mode (``plugin.mode: dra``); ignored in device-plugin mode."""
+
+    driver_name: str = DEFAULT_DRA_DRIVER
+    kubeconfig: str | None = None  # None: $KUBECONFIG, else the in-cluster service account
+    node_name: str | None = None  # None: $NODE_NAME; required in DRA mode
+    plugin_registry_dir: str = "/var/lib/kubelet/plugins_registry"
+    plugin_dir: str | None = None  # None: /var/lib/kubelet/plugins/<driver_name>
+    cdi_dir: str = "/var/run/cdi"
+
+    @property
+    def plugin_directory(self) -> str:
+        """Where ``dra.sock`` (and the device metadata files) live."""
+        if self.plugin_dir is not None:
+            return self.plugin_dir
+        return f"{DEFAULT_KUBELET_PLUGINS_DIR}/{self.driver_name}"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration. Immutable; derive changed copies with :func:`with_overrides`.
 
@@ -131,6 +161,7 @@ class Config:
     module_map: Mapping[int, str] = field(default_factory=dict)  # module ID -> PCI address
     api: ApiConfig = field(default_factory=ApiConfig)
     state_dir: str = "/var/lib/nvswitch-dp"  # must equal _DEFAULT_STATE_DIR
+    dra: DraConfig = field(default_factory=DraConfig)
 
     def resource_name(self, size: int) -> str:
         """``nvidia.com/gpu-h200-4x`` for ``size`` 4. ``ValueError`` unless ``size >= 1``."""
@@ -151,6 +182,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "fabric_manager": FabricManagerConfig,
     "vfio": VfioConfig,
     "api": ApiConfig,
+    "dra": DraConfig,
 }
 
 
@@ -249,6 +281,26 @@ def _resource_prefix(value: Any) -> str:
             f"name {name!r} is too long: with '-16x' appended it must be at most 63 characters"
         )
     return text
+
+
+def _dns_subdomain(what: str, limit: int) -> Validator:
+    def check(value: Any) -> str:
+        text = _string(value)
+        if len(text) > limit or not _DNS_SUBDOMAIN.match(text):
+            raise _Invalid(
+                f"must be {what}: a lower-case DNS subdomain of at most {limit} characters "
+                f"(letters, digits, '-' and '.'), got {_show(value)}"
+            )
+        return text
+
+    return check
+
+
+def _optional(validator: Validator) -> Validator:
+    def check(value: Any) -> Any:
+        return None if value is None else validator(value)
+
+    return check
 
 
 def _is_host(text: str) -> bool:
@@ -455,6 +507,7 @@ class _Builder:
             module_map=self.module_map(top.get("module_map")),
             api=self.section("api", ApiConfig, top.get("api"), _API),
             state_dir=self.check("state_dir", _string, top.get("state_dir", _DEFAULT_STATE_DIR)),
+            dra=self.section("dra", DraConfig, top.get("dra"), _DRA),
         )
         self.cross_check(config)
         return config
@@ -496,6 +549,7 @@ _PLUGIN: dict[str, Validator] = {
     "pod_resources_socket": _string,
     "release_grace_seconds": _non_negative_number,
     "allocation_unit": _choice(*ALLOCATION_UNITS),
+    "mode": _choice(*PLUGIN_MODES),
 }
 _FABRIC: dict[str, Validator] = {
     "backend": _choice(*FM_BACKENDS),
@@ -519,6 +573,17 @@ _API: dict[str, Validator] = {
     "requests_per_second": _non_negative_number,
     "tls_cert_file": _optional_string,
     "tls_key_file": _optional_string,
+}
+
+
+_DRA: dict[str, Validator] = {
+    "driver_name": _dns_subdomain("a DRA driver name like 'gpu.nvswitch-dp.io'", MAX_DRIVER_NAME),
+    "kubeconfig": _optional_string,
+    # The pool and the slices' spec.nodeName: a node name is a DNS subdomain.
+    "node_name": _optional(_dns_subdomain("a Kubernetes node name", 253)),
+    "plugin_registry_dir": _string,
+    "plugin_dir": _optional_string,
+    "cdi_dir": _string,
 }
 
 
@@ -596,6 +661,32 @@ def env_overrides(env: Mapping[str, str]) -> list[tuple[str, str, str]]:
             value = value.rsplit("/", 1)[0] or "/"
         found.append((variable, key, value))
     return found
+
+
+def apply_dra_env(config: Config, env: Mapping[str, str]) -> Config:
+    """``config`` with ``$NODE_NAME`` as ``dra.node_name`` when ``plugin.mode`` is ``dra``
+    (device-plugin mode never reads it). Pure; raises :class:`ConfigError` for a value
+    that is not a node name."""
+    value = env.get(ENV_NODE_NAME, "").strip()
+    if config.plugin.mode != "dra" or not value:
+        return config
+    return with_overrides(config, {"dra.node_name": value}, source=f"environment {ENV_NODE_NAME}")
+
+
+def check_complete(config: Config, *, source: str = "configuration") -> None:
+    """What only the whole configuration (every layer applied) can tell: in DRA mode a
+    node name is required (``dra.node_name``, ``$NODE_NAME`` or ``--node-name``).
+
+    Raises :class:`ConfigError` naming the key and where to give it. Pure.
+    """
+    if config.plugin.mode == "dra" and config.dra.node_name is None:
+        raise ConfigError(
+            source,
+            "dra.node_name",
+            "required in DRA mode (the pool and its ResourceSlices are named after the "
+            f"node): give --node-name, set {ENV_NODE_NAME} (in a pod, from the downward "
+            "API's spec.nodeName) or set dra.node_name",
+        )
 
 
 def apply_env(config: Config, env: Mapping[str, str]) -> Config:
