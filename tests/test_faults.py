@@ -16,6 +16,7 @@ import pytest
 
 from nvswitch_dp.testing.faults import (
     AllocationSpec,
+    CampaignSettings,
     Model,
     Observation,
     Pod,
@@ -203,3 +204,16 @@ def test_a_short_seeded_campaign_finds_no_violation(tmp_path: Path, backend: str
     assert sum(result.faults.values()) > 0
     assert result.convergence_s, "no settle measured convergence"
     assert not result.violations, "\n".join(str(v) for v in result.violations)
+
+
+def test_a_real_run_that_breaks_a_bound_reports_it_with_its_script(tmp_path: Path) -> None:
+    # A bound no node can meet (no time at all to converge): the settle's measured
+    # convergence must come back as a violation, so the budget above can fail.
+    impossible = CampaignSettings(reconcile_s=1.0, grace_s=2.0, slack_s=-3.0)
+    script = parse_script("allocate=1x:partition-9;settle")
+    result = run_campaign(tmp_path, "simulator", 1, 0, script=script, settings=impossible)
+    assert result.steps == 2
+    (violation,) = result.violations
+    assert violation.check == "convergence" and "converged only after" in violation.detail
+    assert violation.trail == ("allocate=1x:partition-9", "settle")
+    assert "steps since the last settle: allocate=1x:partition-9;settle" in str(violation)
