@@ -15,7 +15,9 @@ What a Prepare of one claim does, in this order (each step safe to repeat):
    Unprepare after a crash at any later point still knows what to release.
 5. Hold the partition (:class:`~nvswitch_dp.ports.PartitionHolder`, atomic: activated
    in FM or nothing), write the CDI spec, checkpoint the claim as *prepared*.
-   A failure at 5 undoes what 5 did and drops the checkpoint entry.
+   A failure at 5 undoes what 5 did and drops the checkpoint entry. With a
+   :class:`DeviceMetadata` store, the claim's KEP-5304 device metadata files are
+   written in 5 too (before the CDI spec, which mounts them into the container).
 
 Unprepare releases the hold, removes the CDI spec and drops the checkpoint entry; an
 unknown claim is a success. A periodic check (:meth:`DraDriver.collect_orphans`)
@@ -34,7 +36,8 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -44,6 +47,9 @@ from nvswitch_dp.dra.errors import ClaimNotFound, ClaimRefused, ClaimUnreadable
 from nvswitch_dp.dra.uid import is_claim_uid, validate_claim_uid
 from nvswitch_dp.partitions.table import PartitionTable
 from nvswitch_dp.ports import ClaimReader, PartitionHolder
+
+if TYPE_CHECKING:
+    from nvswitch_dp.dra.cdi import CdiMount
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +106,11 @@ class CdiSpecs(Protocol):
     Both methods block on disk and are called from a worker thread; both are idempotent.
     """
 
-    def write(self, claim_uid: str, grant: ContainerGrant) -> str:
-        """Write the claim's spec; return its qualified CDI device ID. Raises OSError."""
+    def write(
+        self, claim_uid: str, grant: ContainerGrant, *, mounts: Sequence[CdiMount] = ()
+    ) -> str:
+        """Write the claim's spec (with ``mounts`` as read-only bind mounts); return its
+        qualified CDI device ID. Raises OSError."""
         ...
 
     def remove(self, claim_uid: str) -> None:
@@ -121,6 +130,27 @@ class PreparedClaimStore(Protocol):
 
     def save(self, claims: Mapping[str, PreparedClaim]) -> None:
         """Replace the checkpoint atomically with ``claims``. Raises OSError."""
+        ...
+
+
+class DeviceMetadata(Protocol):
+    """KEP-5304 device metadata files (:class:`nvswitch_dp.dra.metadata.DeviceMetadataFiles`).
+
+    The methods block on disk and are called from a worker thread; all are idempotent.
+    """
+
+    def write(
+        self, claim: Mapping[str, Any], devices: Sequence[tuple[str, str]]
+    ) -> Sequence[CdiMount]:
+        """Write the files of ``claim`` for ``(request, device)`` pairs; their mounts."""
+        ...
+
+    def mounts(self, claim_uid: str) -> Sequence[CdiMount]:
+        """The mounts of the files already written for the claim."""
+        ...
+
+    def remove(self, claim_uid: str) -> None:
+        """Remove the claim's files (none: fine)."""
         ...
 
 
@@ -269,8 +299,10 @@ class DraDriver:
         claims: ClaimReader,
         cdi: CdiSpecs,
         checkpoint: PreparedClaimStore,
+        metadata: DeviceMetadata | None = None,
     ) -> None:
         self.driver_name = driver_name
+        self.metadata = metadata
         self.node_name = node_name
         self.table = table
         self.holder = holder
@@ -426,7 +458,10 @@ class DraDriver:
             # Idempotent retry: the kubelet asks again (a lost answer, its own restart).
             with trio.CancelScope(shield=True):
                 grant = await self.holder.hold_for_claim(ref.uid, entry.partition_id)
-                await trio.to_thread.run_sync(self.cdi.write, ref.uid, grant)
+                mounts: Sequence[CdiMount] = ()
+                if self.metadata is not None:
+                    mounts = await trio.to_thread.run_sync(self.metadata.mounts, ref.uid)
+                await self._write_spec(ref.uid, grant, mounts)
             return self._answer(entry)
         claim = await self.claims.get_claim(ref.namespace, ref.name)
         devices = allocated_devices(claim, ref, driver=self.driver_name, pool=self.pool)
@@ -439,11 +474,25 @@ class DraDriver:
                 f"API server now allocates partition {pid}; unprepare it first"
             )
         with trio.CancelScope(shield=True):
-            answered = await self._hold_and_record(ref, pid, devices)
+            answered = await self._hold_and_record(ref, pid, devices, claim)
         return answered
 
+    async def _write_spec(
+        self, claim_uid: str, grant: ContainerGrant, mounts: Sequence[CdiMount]
+    ) -> str:
+        if not mounts:  # the call CdiSpecs implementations without mounts know
+            cdi_id: str = await trio.to_thread.run_sync(self.cdi.write, claim_uid, grant)
+            return cdi_id
+        write = partial(self.cdi.write, claim_uid, grant, mounts=mounts)
+        cdi_id = await trio.to_thread.run_sync(write)
+        return cdi_id
+
     async def _hold_and_record(
-        self, ref: ClaimRef, pid: int, devices: Sequence[AllocatedDevice]
+        self,
+        ref: ClaimRef,
+        pid: int,
+        devices: Sequence[AllocatedDevice],
+        claim: Mapping[str, Any] | None = None,
     ) -> tuple[PreparedDevice, ...]:
         preparing = PreparedClaim(
             uid=ref.uid,
@@ -460,13 +509,19 @@ class DraDriver:
             await self._forget_quietly(ref.uid)
             raise
         try:
-            cdi_id = await trio.to_thread.run_sync(self.cdi.write, ref.uid, grant)
+            mounts: Sequence[CdiMount] = ()
+            if self.metadata is not None and claim is not None:
+                pairs = [(d.request, d.device) for d in devices]
+                mounts = await trio.to_thread.run_sync(self.metadata.write, claim, pairs)
+            cdi_id = await self._write_spec(ref.uid, grant, mounts)
             prepared = replace(preparing, cdi_ids=(cdi_id,))
             await self._record(ref.uid, prepared)
         except BaseException:
             await self.holder.release_claim(ref.uid)
             try:
                 await trio.to_thread.run_sync(self.cdi.remove, ref.uid)
+                if self.metadata is not None:
+                    await trio.to_thread.run_sync(self.metadata.remove, ref.uid)
             except OSError as exc:
                 log.error("claim %s: could not remove its CDI spec: %s", ref, exc)
             await self._forget_quietly(ref.uid)
@@ -489,6 +544,8 @@ class DraDriver:
         # Always ask the holder: after a crash it may hold what the checkpoint lost.
         await self.holder.release_claim(claim_uid)
         await trio.to_thread.run_sync(self.cdi.remove, claim_uid)
+        if self.metadata is not None:
+            await trio.to_thread.run_sync(self.metadata.remove, claim_uid)
         if entry is not None:
             await self._record(claim_uid, None)
             log.info("unprepared claim %s: partition %d", claim_uid, entry.partition_id)
