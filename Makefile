@@ -46,8 +46,16 @@ image-build:
 	@command -v docker >/dev/null 2>&1 || { echo "image-build needs docker or podman"; exit 1; }
 	docker build -f Containerfile -t $(IMAGE) .
 
+# DEMO=dra: the DRA-mode walk-through instead (nvswitch-dp demo --mode dra); DEMO=both:
+# the device-plugin one, then the DRA one, each ending by itself (no Ctrl-C needed).
+DEMO ?= device-plugin
 demo: deps
-	$(BIN)/nvswitch-dp demo
+ifeq ($(DEMO),both)
+	$(BIN)/nvswitch-dp demo --no-wait
+	$(BIN)/nvswitch-dp demo --mode dra --no-wait
+else
+	$(BIN)/nvswitch-dp demo --mode $(DEMO)
+endif
 
 proto: deps
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python tools/gen_proto.py

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +196,13 @@ def create_app(
     rest_rate: float | None = REST_REQUESTS_PER_SECOND,
     max_body: int = MAX_BODY_BYTES,
     body_timeout: float = BODY_TIMEOUT,
+    readiness: Callable[[], Sequence[str]] | None = None,
 ) -> QuartTrio:
     """The ASGI app serving ``controller``'s node, configured by ``config.api``.
+
+    ``/readyz`` answers :func:`readiness_problems` of the node (every device-plugin
+    resource registered, FM reachable) unless ``readiness`` is given: then its problems,
+    read at each probe (DRA mode: the kubelet's registration, the ResourceSlices, FM).
 
     Without ``config`` it uses :class:`ApiConfig`'s defaults: open reads, no token, so
     every mutation is refused with ``403 mutations-disabled``. ``/v1`` requests are paced
@@ -386,7 +392,10 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        problems = readiness_problems(controller.view())
+        if readiness is not None:
+            problems = list(readiness())
+        else:
+            problems = readiness_problems(controller.view())
         return _json({"ready": not problems, "problems": problems}, 503 if problems else 200)
 
     @app.get("/metrics")

@@ -3,14 +3,18 @@
     nvswitch-dp run [--config FILE] [--simulate PLATFORM] [--state-dir DIR]
                     [--plugin-dir DIR] [--pod-resources-socket PATH] [--api-listen HOST:PORT]
                     [--fm-backend simulator|fmpm|libnvfm] [--fmpm-path PATH] [--fm-endpoint HOST]
-    nvswitch-dp demo [--platform NAME] [--api-listen HOST:PORT]
+                    [--mode device-plugin|dra] [--node-name NAME] [--kubeconfig FILE]
+                    [--driver-name NAME] [--plugin-registry-dir DIR] [--dra-plugin-dir DIR]
+                    [--cdi-dir DIR]
+    nvswitch-dp demo [--mode device-plugin|dra] [--platform NAME] [--api-listen HOST:PORT]
     nvswitch-dp doctor ...
     nvswitch-dp status [--api URL] [--token-file FILE]
 
 Precedence for ``run``: built-in defaults < config file (``--config`` or
 ``HGX_H200_CONFIG_PATH``) < ``HGX_H200_*`` environment overrides < command-line flags.
-A bad configuration prints the offending key and exits with status 2 before anything
-starts.
+``NODE_NAME`` is read in DRA mode only (between the file and ``--node-name``). A bad
+configuration prints the offending key and exits with status 2 before anything starts;
+so does DRA mode without a node name.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nvswitch_dp.config import Config, ConfigError, load_config, with_overrides
+from nvswitch_dp.config import (
+    PLUGIN_MODES,
+    Config,
+    ConfigError,
+    apply_dra_env,
+    check_complete,
+    load_config,
+    with_overrides,
+)
 from nvswitch_dp.fabric.platforms import platform, platform_names
 from nvswitch_dp.logs import configure_logging
 
@@ -49,8 +61,14 @@ def simulated(config: Config, platform_name: str) -> Config:
 
 
 def build_run_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
-    """The configuration ``run`` uses: file, environment, then flags."""
+    """The configuration ``run`` uses: file, environment, then flags.
+
+    The mode is settled first (file, then ``--mode``), since ``NODE_NAME`` counts only in
+    DRA mode. Raises :class:`ConfigError`, also for DRA mode without a node name.
+    """
     config = load_config(Path(args.config) if args.config else None, env)
+    config = with_overrides(config, {"plugin.mode": args.mode})
+    config = apply_dra_env(config, env)
     flags = {
         "state_dir": args.state_dir,
         "plugin.directory": args.plugin_dir,
@@ -60,6 +78,12 @@ def build_run_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "fabric_manager.fmpm_path": args.fmpm_path,
         "fabric_manager.endpoint": args.fm_endpoint,
         "plugin.release_grace_seconds": args.release_grace,
+        "dra.node_name": args.node_name,
+        "dra.kubeconfig": args.kubeconfig,
+        "dra.driver_name": args.driver_name,
+        "dra.plugin_registry_dir": args.plugin_registry_dir,
+        "dra.plugin_dir": args.dra_plugin_dir,
+        "dra.cdi_dir": args.cdi_dir,
     }
     if args.simulate:
         if args.fm_backend is None:
@@ -67,9 +91,23 @@ def build_run_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
         if args.plugin_dir is None and "HGX_H200_SOCKET_PATH" not in env and not args.config:
             state = args.state_dir or config.state_dir
             flags["plugin.directory"] = str(Path(state) / "device-plugins")
+        if config.plugin.mode == "dra" and not args.config:
+            # A simulated node keeps the kubelet's DRA directories under its state
+            # directory too, unless they are given.
+            state = Path(args.state_dir or config.state_dir)
+            driver = args.driver_name or config.dra.driver_name
+            defaults = {
+                "dra.plugin_registry_dir": state / "plugins_registry",
+                "dra.plugin_dir": state / "plugins" / driver,
+                "dra.cdi_dir": state / "cdi",
+            }
+            for key, path in defaults.items():
+                if flags[key] is None:
+                    flags[key] = str(path)
     config = with_overrides(config, flags)
     if args.simulate:
         config = simulated(config, args.simulate)
+    check_complete(config)
     return config
 
 
@@ -90,6 +128,22 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--fmpm-path", metavar="PATH")
     run.add_argument("--fm-endpoint", metavar="HOST")
     run.add_argument("--release-grace", metavar="SECONDS", type=float)
+    run.add_argument(
+        "--mode", choices=PLUGIN_MODES, help="device-plugin (the default) or dra (a DRA driver)"
+    )
+    dra = run.add_argument_group("DRA mode (--mode dra)")
+    dra.add_argument("--node-name", metavar="NAME", help="this node's name (else $NODE_NAME)")
+    dra.add_argument(
+        "--kubeconfig", metavar="FILE", help="else $KUBECONFIG, else the in-cluster account"
+    )
+    dra.add_argument("--driver-name", metavar="NAME", help="default gpu.nvswitch-dp.io")
+    dra.add_argument(
+        "--plugin-registry-dir", metavar="DIR", help="default /var/lib/kubelet/plugins_registry"
+    )
+    dra.add_argument(
+        "--dra-plugin-dir", metavar="DIR", help="default /var/lib/kubelet/plugins/<driver>"
+    )
+    dra.add_argument("--cdi-dir", metavar="DIR", help="default /var/run/cdi")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -103,6 +157,17 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the end-to-end walk-through on a simulated node")
     demo.add_argument("--platform", default="hgx-h200", choices=platform_names())
     demo.add_argument("--api-listen", default="127.0.0.1:9090", metavar="HOST:PORT")
+    demo.add_argument(
+        "--mode",
+        choices=PLUGIN_MODES,
+        default="device-plugin",
+        help="dra: the daemon as a DRA driver, with API-server and kubelet stand-ins",
+    )
+    demo.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="stop after the walk-through instead of serving until Ctrl-C",
+    )
     return top
 
 
@@ -118,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         return status_main(argv[1:])
     args = parser().parse_args(argv)
     if args.command == "demo":
+        if args.mode == "dra":
+            from nvswitch_dp.demo import run_dra_demo
+
+            return run_dra_demo(args.platform, args.api_listen, wait=not args.no_wait)
         from nvswitch_dp.demo import run_demo
 
-        return run_demo(args.platform, args.api_listen)
+        return run_demo(args.platform, args.api_listen, wait=not args.no_wait)
     try:
         config = build_run_config(args, dict(os.environ))
     except ConfigError as exc:

@@ -12,6 +12,28 @@
             ├── watch_pod_resources         PodResources readings -> the machine
             └── serve_resource  x N         one grpclib server + registration per size
 
+In DRA mode (``plugin.mode: dra``, :func:`run_dra_daemon`) the kubelet's device-plugin
+servers and the PodResources watcher are replaced by the DRA driver's edges:
+
+    trio.run(run_daemon)
+    └── trio_asyncio.open_loop()
+        └── daemon nursery
+            ├── watch_signals               SIGTERM/SIGINT -> ShutdownError
+            │   (first_report: FM resumed with the checkpoint's partitions; in the body)
+            ├── run_effects                 every FM call the node machine asks for
+            ├── serve_api                   Quart-Trio; /readyz: kubelet, slices, FM
+            ├── supervise_fabric            list FM every period (at once on trouble)
+            ├── watch_gpu_health            VFIO state of every GPU
+            ├── PoolPublisher.run           the node's ResourceSlices in the API server
+            ├── serve_dra_plugin            DRAPlugin on dra.sock + Registration on
+            │                               <driver>-reg.sock; served afresh when removed
+            └── DraDriver.watch_orphans     unprepare claims the API server forgot
+
+Before any of these the checkpoint of prepared claims is read: its claims go into the
+node machine (their partitions are held, never deactivated), and a checkpoint that cannot
+be read stops the start (:class:`StartError`). No PodResources polling and no release
+grace for claims: the kubelet's Unprepare releases them.
+
 The signal watcher starts before anything else, so a signal while FM is still
 unreachable at start ends the daemon cleanly too. A signal closes the change feed (every
 ListAndWatch stream ends cleanly), then raises :class:`ShutdownError`, which cancels the
@@ -26,9 +48,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hypercorn.config
 import hypercorn.trio
@@ -38,17 +62,28 @@ import trio_asyncio
 from api.app import create_app
 from nvswitch_dp.config import ApiConfig, Config
 from nvswitch_dp.controller import GpuSlot, PartitionController
+from nvswitch_dp.fabric.platforms import PLATFORMS
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
 from nvswitch_dp.fabric.types import FabricManagerError, FmNotConfigured, FmReport
 from nvswitch_dp.metrics import Metrics
-from nvswitch_dp.partitions.node import NodeMachine, resume_list_at_start
+from nvswitch_dp.partitions.node import Mode, NodeMachine, resume_list_at_start
+from nvswitch_dp.partitions.state import StateError
 from nvswitch_dp.partitions.table import PartitionTable, partition_id_of
 from nvswitch_dp.partitions.units import allocation_unit
 from nvswitch_dp.plugin.lifecycle import serve_resource
 from nvswitch_dp.plugin.pod_resources import GrpcPodResourcesClient, watch_pod_resources
 from nvswitch_dp.ports import FabricManagerClient, PodResourcesClient
-from nvswitch_dp.vfio.discovery import build_inventory, discover_gpus, vfio_problem
+from nvswitch_dp.vfio.discovery import (
+    build_inventory,
+    discover_gpus,
+    read_function,
+    vfio_problem,
+)
 from nvswitch_dp.vfio.inotify import DirectoryWatch
+
+if TYPE_CHECKING:
+    from nvswitch_dp.dra.kubelet import RegistrationState
+    from nvswitch_dp.dra.publish import PoolPublisher
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +95,12 @@ FM_RESUME_PATIENCE_S = 30.0
 
 class ShutdownError(Exception):
     """Raised by :func:`watch_signals` to end the daemon's nursery; not an error."""
+
+
+class StartError(Exception):
+    """The daemon cannot start as configured (DRA mode: an unreadable checkpoint, no
+    usable kubeconfig); the message says what is wrong and what to do. :func:`main_run`
+    logs it and exits 1."""
 
 
 @dataclass(frozen=True)
@@ -271,7 +312,11 @@ async def run_daemon(
     """Run the daemon until a signal (ShutdownError) or cancellation.
 
     ``task_status.started`` receives the controller once every resource serves.
+    In DRA mode this is :func:`run_dra_daemon`.
     """
+    if config.plugin.mode == "dra":
+        await run_dra_daemon(config, task_status=task_status)
+        return
     controller: PartitionController | None = None
 
     def on_signal() -> None:
@@ -334,9 +379,233 @@ def call_deadline(timeout: float, retries: int) -> float:
 
 
 def main_run(config: Config) -> int:
-    """Run the daemon in this process; 0 after a clean shutdown on a signal."""
+    """Run the daemon in this process; 0 after a clean shutdown on a signal, 1 when it
+    cannot start (:class:`StartError`, logged)."""
+    failed: list[StartError] = []
     try:
         trio.run(run_daemon, config)
     except* ShutdownError:
         pass
-    return 0
+    except* StartError as group:
+        failed = [e for e in group.exceptions if isinstance(e, StartError)]
+    for error in failed:
+        log.error("cannot start: %s", error)
+    return 1 if failed else 0
+
+
+# -- DRA mode ---------------------------------------------------------------------------
+
+
+CHECKPOINT_FILE = "dra-checkpoint.json"
+
+
+def node_platform(config: Config, gpus: Mapping[int, GpuSlot]) -> str:
+    """The ``platform`` attribute of the node's devices: the simulator's platform, else
+    the known board whose GPU PCI device ID and GPU count match this node ("" if none)."""
+    if config.fabric_manager.backend == "simulator":
+        return config.fabric_manager.simulator_platform
+    sysfs = Path(config.vfio.sysfs_root)
+    for slot in gpus.values():
+        function = read_function(sysfs, slot.pci_address)
+        if function is None or not function.device_id:
+            continue
+        for board in PLATFORMS.values():
+            if board.gpu_device_id == function.device_id and board.gpu_count == len(gpus):
+                return board.name
+    return ""
+
+
+def dra_readiness(
+    registration: RegistrationState,
+    publisher: PoolPublisher | None,
+    controller: PartitionController,
+) -> list[str]:
+    """Why a DRA-mode node is not ready: the kubelet has not registered the driver, the
+    slices are not published as the node is, or FM is unreachable (empty when ready)."""
+    problems: list[str] = []
+    if registration.problem is not None:
+        problems.append(registration.problem)
+    if publisher is None:
+        problems.append("ResourceSlices not published yet")
+    elif publisher.problem is not None:
+        problems.append(publisher.problem)
+    node = controller.view()
+    if not node.fabric_reachable:
+        problems.append(f"Fabric Manager is unreachable: {node.fabric_problem}")
+    return problems
+
+
+async def run_dra_daemon(
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[PartitionController] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """DRA mode: the daemon as a DRA driver (the tree in the module docstring).
+
+    ``task_status.started`` receives the controller once the kubelet's sockets are
+    served (the first publishing round has ended, published or not: the API server may
+    be down, which ``/readyz`` reports). Raises :class:`StartError` for a checkpoint that
+    cannot be read, one naming partitions FM does not have, or no usable kubeconfig.
+    """
+    from nvswitch_dp.dra.cdi import CdiDirectory
+    from nvswitch_dp.dra.checkpoint import Checkpoint, CheckpointError
+    from nvswitch_dp.dra.driver import DraDriver
+    from nvswitch_dp.dra.holder import ControllerHolder
+    from nvswitch_dp.dra.kube import KubeClient, KubeConfigError, load_config
+    from nvswitch_dp.dra.kubelet import RegistrationState, serve_dra_plugin
+    from nvswitch_dp.dra.metadata import DeviceMetadataFiles, published_attributes
+    from nvswitch_dp.dra.pool import PoolSource
+    from nvswitch_dp.dra.publish import PoolPublisher
+    from nvswitch_dp.dra.slices import PoolInputs, build_pool
+
+    dra = config.dra
+    if dra.node_name is None:  # the CLI checks this; a caller building Config may not
+        raise StartError("DRA mode needs dra.node_name (--node-name or NODE_NAME)")
+    node_name = dra.node_name
+    controller: PartitionController | None = None
+    state_dir = Path(config.state_dir)
+    checkpoint = Checkpoint(state_dir / CHECKPOINT_FILE)
+    try:
+        kube_config = load_config(dra.kubeconfig)
+    except KubeConfigError as exc:
+        raise StartError(str(exc)) from None
+
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        await nursery.start(watch_signals, lambda: None)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            prepared = await trio.to_thread.run_sync(checkpoint.load)
+        except (CheckpointError, OSError) as exc:
+            raise StartError(str(exc)) from None
+        restored = {uid: entry.partition_id for uid, entry in prepared.items()}
+        fabric = build_fabric_client(config)
+
+        async def held() -> set[int]:
+            return set(restored.values())
+
+        report = await first_report(fabric, held)
+        node = discover_node(config, report)
+        table = PartitionTable.from_report(report)
+        try:
+            # The checkpoint's claims are held from the first event on: nothing the
+            # machine decides at start can deactivate a prepared partition.
+            machine = NodeMachine(
+                table,
+                report,
+                trio.current_time(),
+                grace=config.plugin.release_grace_seconds,
+                mode=Mode.DRA,
+                claims=restored,
+            )
+        except StateError as exc:
+            raise StartError(
+                f"checkpoint {checkpoint.path} names a partition Fabric Manager does not "
+                f"report ({exc}); is this the node that wrote it?"
+            ) from None
+        fm = config.fabric_manager
+        controller = PartitionController(
+            machine,
+            fabric,
+            node.gpus,
+            resource_prefix=config.plugin.resource_prefix,
+            dev_root=Path(config.vfio.dev_root),
+            metrics=Metrics(),
+            unit=allocation_unit(config.plugin.allocation_unit),
+            call_deadline=call_deadline(fm.timeout_seconds, fm.retries),
+        )
+        for module, reason in node.unmapped.items():
+            log.error("GPU module %d: %s", module, reason)
+            controller.set_gpu_fault(module, reason)
+        log.info(
+            "Fabric Manager (%s) reports %d partitions; DRA driver %s on node %s, "
+            "%d prepared claims in the checkpoint",
+            fabric.name,
+            len(table),
+            dra.driver_name,
+            node_name,
+            len(restored),
+        )
+        await nursery.start(controller.run_effects)
+        registration = RegistrationState()
+        publisher: PoolPublisher | None = None
+        ctl = controller
+
+        def readiness() -> list[str]:
+            return dra_readiness(registration, publisher, ctl)
+
+        await nursery.start(
+            hypercorn.trio.serve,
+            create_app(
+                controller,
+                config,
+                rest_rate=config.api.requests_per_second or None,
+                readiness=readiness,
+            ),
+            api_config(config.api),
+        )
+        await nursery.start(supervise_fabric, controller, fm.reconcile_interval_seconds)
+        await nursery.start(
+            watch_gpu_health, controller, config, config.vfio.health_interval_seconds
+        )
+        kube = KubeClient(kube_config)
+        nursery.start_soon(_close_on_exit, kube.aclose)
+        cdi = CdiDirectory(dra.cdi_dir)
+        await trio.to_thread.run_sync(cdi.discard_partial_writes)
+        platform_name = node_platform(config, node.gpus)
+        plugin_dir = Path(dra.plugin_directory)
+        # The metadata files carry each device's attributes as published on a healthy
+        # node: what a device is does not change with its health.
+        healthy = PoolInputs(node_name, dra.driver_name, platform_name, table, node.gpus, {}, {})
+        metadata = DeviceMetadataFiles(
+            plugin_dir / "metadata",
+            driver=dra.driver_name,
+            pool=node_name,
+            attributes=published_attributes(build_pool(healthy, 0)),
+        )
+        driver = DraDriver(
+            driver_name=dra.driver_name,
+            node_name=node_name,
+            table=table,
+            holder=ControllerHolder(controller),
+            claims=kube,
+            cdi=cdi,
+            checkpoint=checkpoint,
+            metadata=metadata,
+        )
+        try:
+            await driver.start()
+        except CheckpointError as exc:  # changed under our feet since it was read above
+            raise StartError(str(exc)) from None
+        source = PoolSource(
+            view=controller.view,
+            layout=controller.layout,
+            wait_changed=controller.wait_changed,
+            node_name=node_name,
+            driver=dra.driver_name,
+            platform=platform_name,
+        )
+        publisher = PoolPublisher(kube, source.inputs, source.wait_for_change)
+        await nursery.start(publisher.run)
+        await nursery.start(
+            partial(
+                serve_dra_plugin,
+                driver,
+                registry_dir=Path(dra.plugin_registry_dir),
+                plugin_dir=plugin_dir,
+                state=registration,
+            )
+        )
+        await nursery.start(driver.watch_orphans)
+        task_status.started(controller)
+
+
+CLOSE_GRACE_S = 2.0
+
+
+async def _close_on_exit(close: Callable[[], Awaitable[None]]) -> None:
+    """Sleep until cancelled, then run ``close`` shielded, within :data:`CLOSE_GRACE_S`."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_S):
+            await close()

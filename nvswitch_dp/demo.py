@@ -4,7 +4,13 @@ Runs the real daemon as a subprocess on a simulated node (sysfs/dev tree and Fab
 Manager simulator under a fresh state directory), with the grpcio kubelet stand-in
 playing the kubelet: registration of every resource, one 4x allocation, the overlapping
 partitions leaving the pool, the inventory over REST. Then it keeps serving until
-Ctrl-C, and shuts the daemon down with SIGTERM.
+Ctrl-C (or, with ``wait=False``, stops at once), and shuts the daemon down with SIGTERM.
+
+:func:`run_dra_demo` (``nvswitch-dp demo --mode dra``) does the same in DRA mode, with
+the API-server stand-in, the DRA kubelet stand-in and the counter-honouring scheduler
+stand-in around the daemon: the published pool, a claim for a 4-GPU partition allocated
+by the scheduler, Prepare (FM active, the CDI spec), a KubeVirt-style claim of four GPUs
+on one partition (with its device metadata file), and Unprepare (FM inactive again).
 """
 
 from __future__ import annotations
@@ -14,13 +20,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nvswitch_dp.status import status_main
 from nvswitch_dp.testing.kubelet import KubeletStandIn
+
+if TYPE_CHECKING:
+    from nvswitch_dp.testing.dra_cluster import DraCluster
 
 RESOURCE_PREFIX = "nvidia.com/gpu-h200"
 
@@ -41,7 +51,9 @@ def _get_json(url: str) -> Any:
         return json.load(response)
 
 
-def run_demo(platform: str = "hgx-h200", api_listen: str = "127.0.0.1:9090") -> int:
+def run_demo(
+    platform: str = "hgx-h200", api_listen: str = "127.0.0.1:9090", *, wait: bool = True
+) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="nvswitch-dp-demo-"))
     plugin_dir = workdir / "device-plugins"
     plugin_dir.mkdir()
@@ -61,7 +73,7 @@ def run_demo(platform: str = "hgx-h200", api_listen: str = "127.0.0.1:9090") -> 
     # SIGTERM as a kubelet's node agent would.
     daemon = subprocess.Popen(command, start_new_session=True)
     try:
-        return _walk_through(kubelet, daemon, started, api_listen)
+        return _walk_through(kubelet, daemon, started, api_listen, wait)
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
@@ -74,7 +86,7 @@ def run_demo(platform: str = "hgx-h200", api_listen: str = "127.0.0.1:9090") -> 
 
 
 def _walk_through(
-    kubelet: KubeletStandIn, daemon: subprocess.Popen[bytes], started: float, api: str
+    kubelet: KubeletStandIn, daemon: subprocess.Popen[bytes], started: float, api: str, wait: bool
 ) -> int:
     resources = [f"{RESOURCE_PREFIX}-{n}x" for n in (1, 2, 4, 8)]
     kubelet.wait_registered(resources, timeout=20)
@@ -129,6 +141,13 @@ def _walk_through(
     status_main(["--api", f"http://{api}"])
     ready = _get_json(f"http://{api}/readyz")
     _say(f"\n   /readyz: {ready}")
+    return _serve_until_interrupted(daemon, api, wait)
+
+
+def _serve_until_interrupted(daemon: subprocess.Popen[bytes], api: str, wait: bool) -> int:
+    if not wait:
+        _say("\nstopping the daemon (SIGTERM)")
+        return 0
     _say(f"\nThe daemon keeps serving (REST on http://{api}); press Ctrl-C to stop it.")
     try:
         while daemon.poll() is None:
@@ -138,3 +157,124 @@ def _walk_through(
         return 0
     _say("the daemon stopped on its own")
     return 1
+
+
+# -- DRA mode ---------------------------------------------------------------------------
+
+
+def run_dra_demo(
+    platform: str = "hgx-h200", api_listen: str = "127.0.0.1:9090", *, wait: bool = True
+) -> int:
+    """``nvswitch-dp demo --mode dra``: the walk-through of the module docstring.
+
+    The API server, the kubelet and the scheduler are stand-ins (the API server in this
+    process, over real HTTP; the kubelet over gRPC on real Unix sockets); the daemon is
+    the real one, as a process. Returns the exit status.
+    """
+    from nvswitch_dp.testing.dra_cluster import DraCluster
+
+    host, _, port = api_listen.rpartition(":")
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+        _say(f"nvswitch-dp demo --mode dra: --api-listen must be 127.0.0.1:PORT, got {api_listen}")
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="nvswitch-dp-dra-demo-"))
+    _say(f"demo directory: {workdir}")
+    with DraCluster(workdir, platform=platform) as cluster:
+        _say(f"API-server stand-in on {cluster.api.url}; DRA kubelet stand-in watching "
+             f"{cluster.registry_dir}")  # fmt: skip
+        started = time.monotonic()
+        daemon = cluster.start_daemon(api_port=int(port))
+        command = daemon.command[2:]
+        _say("$ " + " ".join(command).replace("nvswitch_dp", "nvswitch-dp", 1))
+        cluster.wait_published()
+        status = _dra_walk_through(cluster, started)
+        assert daemon.process is not None
+        if status == 0:
+            status = _serve_until_interrupted(daemon.process, api_listen, wait)
+    _say(f"daemon exited with status {daemon.process.returncode}")
+    return status
+
+
+def _dra_walk_through(cluster: DraCluster, started: float) -> int:
+    from nvswitch_dp.testing.dra_allocator import gpu_claim, partition_claim
+
+    driver = cluster.driver
+    slices = cluster.slices()
+    devices = [d for s in slices for d in s["spec"].get("devices") or []]
+    counters = [c for s in slices for c in s["spec"].get("sharedCounters") or []]
+    _say(
+        f"\n1. the kubelet registered {driver}, and the pool of {cluster.node_name} is "
+        f"published, {time.monotonic() - started:.2f} s after the start: {len(slices)} "
+        f"ResourceSlices (generation {slices[0]['spec']['pool']['generation']})"
+    )
+    for counter_set in counters:
+        _say(f"   counter set {counter_set['name']}: {', '.join(counter_set['counters'])} (1 each)")
+    _say(f"   {'device':13} {'kind':9} {'size':4}  consumes")
+    for device in devices:
+        attributes = device["attributes"]
+        kind = attributes["kind"]["string"]
+        size = attributes["size"]["int"] if kind == "partition" else 1
+        consumed = ",".join(c for e in device["consumesCounters"] for c in e["counters"])
+        _say(f"   {device['name']:13} {kind:9} {size:>4}  {consumed}")
+
+    pod = cluster.create_claim(partition_claim(4), name="pod-4x-gpus")
+    (chosen,) = cluster.allocated(pod)
+    _say(
+        f"\n2. ResourceClaim {pod.name}: one device of class partition-4x.{driver}; the "
+        f"scheduler stand-in (honouring the counters) allocates {chosen}"
+    )
+    before = time.monotonic()
+    answer = cluster.prepare(pod)
+    _say(
+        f"   NodePrepareResources answered in {1000 * (time.monotonic() - before):.1f} ms: "
+        f"{answer.error or answer.cdi_device_ids}"
+    )
+    _say(f"   Fabric Manager active partitions: {cluster.fm_active()}")
+    _say(f"   CDI spec {cluster.cdi.spec_path(pod.uid)}:")
+    for line in json.dumps(cluster.cdi_spec(pod), indent=2).splitlines():
+        _say(f"     {line}")
+
+    bad = cluster.create_claim(
+        gpu_claim(3), name="vm-three-gpus", devices=["gpu-5", "gpu-6", "gpu-7"]
+    )
+    refused = cluster.prepare(bad)
+    _say(f"\n3. a claim allocated three GPUs (gpu-5, gpu-6, gpu-7) is refused:\n   {refused.error}")
+    cluster.delete_claim(bad)
+
+    vm = cluster.create_claim(gpu_claim(4, "partition4x"), name="vm-4x", pod_claim_name="gpus")
+    _say(
+        f"\n4. KubeVirt-style ResourceClaim {vm.name} (from a template, pod claim 'gpus'): "
+        f"requests gpu0..gpu3 of class gpu.{driver}, matchAttribute "
+        f"{driver}/partition4x; the scheduler allocates {cluster.allocated(vm)}"
+    )
+    answer = cluster.prepare(vm)
+    _say(f"   NodePrepareResources: {answer.error or answer.cdi_device_ids}")
+    _say(f"   Fabric Manager active partitions: {cluster.fm_active()}")
+    spec = cluster.cdi_spec(vm) or {}
+    mounts = spec.get("devices", [{}])[0].get("containerEdits", {}).get("mounts", [])
+    _say(
+        f"   {len(mounts)} device metadata files mounted read-only, one per request; "
+        f"{mounts[0]['containerPath']}:"
+    )
+    text = json.dumps(json.loads(Path(mounts[0]["hostPath"]).read_text()))
+    for line in textwrap.wrap(text, 92):
+        _say(f"     {line}")
+    left = cluster.allocator().allocate(partition_claim(1))
+    _say(f"\n5. every GPU is allocated now; a further 1-GPU claim: {left or 'not allocatable'}")
+
+    _say("\n6. the pods end: the kubelet unprepares both claims")
+    for claim in (pod, vm):
+        error = cluster.unprepare(claim)
+        _say(f"   NodeUnprepareResources {claim.name}: {error or 'done'}")
+        cluster.delete_claim(claim)
+
+    def settled() -> bool:
+        return not cluster.fm_active()
+
+    cluster.wait(settled, 10, "every partition deactivated")
+    gone = all(cluster.cdi_spec(c) is None for c in (pod, vm))
+    _say(f"   Fabric Manager active partitions: {cluster.fm_active()}; CDI specs removed: {gone}")
+    assert cluster.daemon is not None
+    _, ready = cluster.daemon.get("/readyz")
+    _say(f"\n7. /readyz: {ready}")
+    return 0
