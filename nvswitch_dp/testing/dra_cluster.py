@@ -39,6 +39,7 @@ from nvswitch_dp.testing.harness import DaemonProcess
 NODE = "hgx-node-1"
 TOKEN = "standin-token"
 NAMESPACE = "default"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 class DraCluster:
@@ -68,6 +69,12 @@ class DraCluster:
         self.kubelet = DraKubeletStandIn(self.registry_dir)
         self.daemon: DaemonProcess | None = None
         self.cdi = CdiDirectory(self.cdi_dir)
+        longest = self.plugin_dir / "dra.sock"
+        if len(str(longest).encode()) > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"{longest} is longer than a Unix socket path may be ({MAX_SOCKET_PATH} "
+                "bytes): use a shorter workdir"
+            )
 
     # -- lifecycle
 
@@ -112,7 +119,14 @@ class DraCluster:
             daemon.port = api_port  # the later --api-listen wins
         self.daemon = daemon.start()
         daemon.wait_api(timeout)
-        self.kubelet.wait_registered(self.driver, timeout, after=registrations)
+
+        def registered() -> bool:
+            return (
+                self.driver in self.kubelet.registered()
+                and self.kubelet.registrations > registrations
+            )
+
+        self.wait(registered, timeout, f"the kubelet to register {self.driver}")
         return daemon
 
     def kill_daemon(self) -> None:
@@ -148,7 +162,8 @@ class DraCluster:
             if self.daemon is not None:
                 self.daemon.check_alive()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout} s for {what}")
+                log = self.daemon.log_text()[-2000:] if self.daemon is not None else ""
+                raise TimeoutError(f"waited {timeout} s for {what}; the daemon's log ends:\n{log}")
             time.sleep(0.02)
 
     def wait_published(self, timeout: float = 20.0) -> None:
@@ -258,6 +273,8 @@ class DraCluster:
     def fm_active(self) -> list[int]:
         """FM's active partitions, from the simulator's state file."""
         assert self.daemon is not None
+        if not self.daemon.fm_state_file.exists():  # written on the simulator's first change
+            return []
         data = json.loads(self.daemon.fm_state_file.read_text())
         return sorted(int(p) for p in data["active"])
 
