@@ -46,7 +46,13 @@ import trio.testing
 import trio_asyncio
 from grpclib import GRPCError
 from grpclib.const import Status
-from inprocess_kubelet import WAIT_LIMIT_S, Changes, InProcessKubelet, InProcessPodResources
+from inprocess_kubelet import (
+    STREAM_ENDS,
+    WAIT_LIMIT_S,
+    Changes,
+    InProcessKubelet,
+    InProcessPodResources,
+)
 from node_helpers import ops
 
 from api.app import create_app
@@ -386,6 +392,28 @@ async def test_an_unreachable_fm_is_supervised_every_second_and_readiness_recove
         assert node.fm_active() == {3}
 
 
+async def test_a_partition_activated_behind_our_back_is_seen_at_supervision_and_released(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_node(tmp_path) as node:
+        await trio.sleep(0.5)
+        sim = node.store.load()
+        sim.activate(5)  # an operator's `fmpm -a 5`, or a killed daemon's late child
+        node.store.save(sim)
+        seen = await node.wait_for(lambda: node.phase(5) is Phase.ACTIVE, "seen active")
+        assert seen - node.started_at == pytest.approx(SUPERVISION)
+        # Maybe a pod's: its GPUs (5 and 7) leave the pool until N5 decides.
+        await node.wait_for(
+            lambda: {"partition-11", "partition-13"} & node.kubelet.healthy(f"{R}-1x") == set(),
+            "its GPUs out of the pool",
+        )
+        released = await node.wait_for(lambda: node.fm_active() == set(), "released")
+        assert seen + GRACE <= released <= seen + GRACE + RELEASE_CHECK
+        await node.wait_for(
+            lambda: len(node.kubelet.healthy(f"{R}-1x")) == 8, "its GPUs back in the pool"
+        )
+
+
 async def test_an_fm_restarted_while_we_were_down_is_resumed_from_pod_resources(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -475,31 +503,47 @@ async def test_nothing_is_released_while_pod_resources_is_unreadable(
         assert back + GRACE <= released <= back + GRACE + RELEASE_CHECK
 
 
-async def abandon_allocate(node: Node, how: str, resource: str, *devices: str) -> None:
+async def abandon_allocate(node: Node, how: str, resource: str, *devices: str) -> float:
     """An Allocate the kubelet gives up on after 0.5 s: its gRPC deadline passes (the
-    plugin's server cancels the handler), or it closes the connection mid-call."""
+    plugin's server cancels the handler), it closes the connection mid-call, or our
+    socket is removed (a kubelet restart: the daemon closes that server). Returns the
+    latest the call may have ended, after its start."""
     if how == "deadline":
         with pytest.raises(GRPCError) as raised:
             await node.kubelet.allocate(resource, list(devices), deadline=0.5)
         assert raised.value.status is Status.DEADLINE_EXCEEDED
-    else:
+        return 0.5
+    if how == "connection closed":
         with trio.move_on_after(0.5) as gave_up:
             await node.allocate(resource, *devices)
         assert gave_up.cancelled_caught
+        return 0.5
+
+    async def remove_socket() -> None:
+        await trio.sleep(0.5)
+        (node.plugin_dir / socket_name(resource)).unlink()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(remove_socket)
+        with pytest.raises(STREAM_ENDS):
+            await node.allocate(resource, *devices)
+    return 0.5 + POLL_S  # the daemon looks for its socket every POLL_S
 
 
-@pytest.mark.parametrize("how", ["deadline", "connection closed"])
+@pytest.mark.parametrize("how", ["deadline", "connection closed", "our socket removed"])
 async def test_a_cancelled_allocate_leaves_nothing_activating_and_is_released_after_grace(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, how: str
 ) -> None:
     async with running_node(tmp_path) as node:
         node.inject("slow-activation=2")
-        begun = trio.current_time()
-        await abandon_allocate(node, how, f"{R}-1x", "partition-7", "partition-8")
+        begun, seen = trio.current_time(), len(node.kubelet.history)
+        latest = await abandon_allocate(node, how, f"{R}-1x", "partition-7", "partition-8")
         # grpclib computes the deadline's remaining time on the real clock and arms it on
         # the loop's (virtual) one: the real milliseconds in between are lost.
-        assert 0.45 < trio.current_time() - begun <= 0.5
+        assert 0.45 < trio.current_time() - begun <= latest
         assert {node.phase(7), node.phase(8)} == {Phase.ACTIVATING}
+        if how == "our socket removed":  # the kubelet retries once we registered again
+            await node.kubelet.wait_registered([f"{R}-1x"], after=seen)
         # A retry of one of them waits for the activation in flight and is answered.
         await node.allocate(f"{R}-1x", "partition-8")
         assert trio.current_time() - begun == pytest.approx(2.0)
@@ -674,3 +718,15 @@ async def test_allocate_of_a_blocked_partition_fails_naming_the_blocker(
         assert raised.value.status is Status.FAILED_PRECONDITION
         assert "partition 1" in (raised.value.message or "")
         assert node.fm_active() == {1}
+
+
+async def test_allocate_naming_a_device_twice_is_refused_and_activates_nothing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_node(tmp_path) as node:
+        with pytest.raises(GRPCError) as raised:
+            await node.allocate(f"{R}-2x", "partition-3", "partition-3")
+        assert raised.value.status is Status.INVALID_ARGUMENT
+        assert "partition-3" in (raised.value.message or "")
+        assert node.fm_active() == set()
+        assert node.state(3) is State.FREE
