@@ -24,6 +24,16 @@ once. Nor would anything the daemon ran in a worker thread (the libnvfm backend'
 ``trio.to_thread``) or in a child process (the fmpm backend): those stay with the
 subprocess tests (``test_daemon.py``, ``test_lifecycle.py``), the thin end-to-end layer.
 
+Two places still read a real clock, harmlessly here: grpclib computes a call's deadline
+on ``time.monotonic`` and arms it on the loop's (virtual) timer, so a 0.5 s deadline
+fires a few real milliseconds early in virtual time; the FM simulator keeps its 60 s
+restart window on the wall clock, so under a MockClock FM never exits for want of
+set-activated (the tests assert the daemon resumes it well inside the window instead).
+
+No seam in ``run_daemon`` was needed: PodResources is a real grpclib server on the
+configured socket (stopped to make it unreadable) and FM is the simulator's state file,
+so the daemon builds its own clients exactly as in production.
+
 Signals: ``signal.raise_signal`` runs the C handler at once, which writes to Trio's
 wakeup fd, so ``open_signal_receiver`` delivers it in the same run. A safety handler
 stands in for the default action (which would kill pytest) and records any SIGTERM that
@@ -32,6 +42,7 @@ reaches no receiver, so a daemon that does not watch signals fails the test inst
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -64,6 +75,7 @@ from nvswitch_dp.daemon import (
     FM_RESUME_PATIENCE_S,
     FM_START_BACKOFF_MAX_S,
     ShutdownError,
+    release_check_interval,
     run_daemon,
 )
 from nvswitch_dp.fabric.platforms import platform
@@ -86,7 +98,7 @@ R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
 MODULE_MAP = platform("hgx-h200").module_map()
 GRACE = 3.0
-RELEASE_CHECK = 1.0  # release_check_interval(GRACE)
+RELEASE_CHECK = release_check_interval(GRACE)  # how often PodResources is read
 SUPERVISION = 10.0  # fabric_manager.reconcile_interval_seconds (the default)
 HEALTH_POLL = 2.0
 # Partitions with GPU module 3 in them: 1x, 2x (1,3), 4x (1-4), 8x.
@@ -241,6 +253,10 @@ async def running_node(tmp_path: Path, **overrides: Any) -> AsyncIterator[Node]:
         daemon.cancel_scope.cancel()
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 @pytest.fixture
 def sigterm_reached_nobody() -> Iterator[list[int]]:
     """SIGTERMs no receiver took (instead of the default action: death of pytest)."""
@@ -286,9 +302,10 @@ async def test_the_daemon_waits_for_a_late_kubelet_and_registers_once_it_serves(
         late = trio.current_time()
         await kubelet.start()
         await kubelet.wait_registered(RESOURCES)
+        with trio.fail_after(POLL_S):  # Register's answer comes after the kubelet's first list
+            while readiness_problems(controller.view()):
+                await controller.wait_changed()
         assert trio.current_time() - late <= POLL_S
-        await trio.sleep(0.001)  # Register's answer reaches the daemon after the first list
-        assert readiness_problems(controller.view()) == []
         daemon.cancel_scope.cancel()
 
 
@@ -315,15 +332,30 @@ async def test_a_kubelet_restart_re_registers_every_resource(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with running_node(tmp_path) as node:
-        for _ in range(3):
+        await node.allocate(f"{R}-2x", "partition-4")
+        node.pods.assign("ml", "vm", "compute", f"{R}-2x", ["partition-4"])
+
+        async def restart() -> None:
             await trio.sleep(1.0)
             restarted, seen = trio.current_time(), len(node.kubelet.history)
             await node.kubelet.restart()
             await node.kubelet.wait_registered(RESOURCES, after=seen)
             assert trio.current_time() - restarted <= 2 * POLL_S
-        assert len(node.kubelet.history) == 4 * 4
+
+        await restart()
+        await trio.sleep(1.0)
+        tasks, fds = trio.lowlevel.current_statistics().tasks_living, open_fds()
+        for _ in range(10):
+            await restart()
+        await trio.sleep(1.0)
+        # Nothing leaks, on either side of the sockets (both live in this process).
+        assert trio.lowlevel.current_statistics().tasks_living == tasks
+        assert open_fds() == fds
+        assert len(node.kubelet.history) == 4 * 12
         assert node.kubelet.rejected == []
         assert node.sockets() == sorted(socket_name(r) for r in RESOURCES)
+        assert node.kubelet.devices(f"{R}-2x")["partition-4"] == "Healthy"  # still in use
+        assert node.kubelet.devices(f"{R}-1x")["partition-8"] == "Unhealthy"
 
 
 # -- supervision --------------------------------------------------------------------------
