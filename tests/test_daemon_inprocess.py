@@ -295,7 +295,7 @@ async def test_the_daemon_waits_for_a_late_kubelet_and_registers_once_it_serves(
     async with kubelet_side(config) as (kubelet, _, _), trio.open_nursery() as daemon:
         await kubelet.stop()
         controller = await daemon.start(run_daemon, config)
-        await trio.sleep(30)
+        await trio.sleep(5.0)
         assert kubelet.history == []
         problems = readiness_problems(controller.view())
         assert problems == [f"{r} is not registered with the kubelet" for r in sorted(RESOURCES)]
@@ -499,7 +499,7 @@ async def test_a_held_partition_is_released_exactly_a_grace_after_pod_resources_
     async with running_node(tmp_path) as node:
         await node.allocate(f"{R}-4x", "partition-1")
         node.pods.assign("ml", "trainer", "main", f"{R}-4x", ["partition-1"])
-        await trio.sleep(10 * GRACE)  # held: many grace periods, nothing touched
+        await trio.sleep(5 * GRACE)  # held: many grace periods, nothing touched
         assert node.fm_active() == {1}
         assert node.state(1) is State.ALLOCATED
         await trio.sleep(0.5)  # between two readings
@@ -524,7 +524,7 @@ async def test_nothing_is_released_while_pod_resources_is_unreadable(
         await trio.sleep(2.5)
         await node.pods.stop()
         node.pods.unassign("ml", "vm")  # the pod ends while nobody can read it
-        await trio.sleep(20 * GRACE)
+        await trio.sleep(10 * GRACE)
         assert node.fm_active() == {5}
         assert node.controller.view().pod_resources_reachable is False
         assert node.kubelet.devices(f"{R}-2x")["partition-5"] == "Healthy"
