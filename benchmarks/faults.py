@@ -58,7 +58,7 @@ def report(result: CampaignResult, settings: CampaignSettings) -> str:
         f"| settles (convergence measured) | {len(result.convergence_s)} |",
         f"| convergence median / worst (s) | "
         f"{_s(median)} / {_s(worst)} (bound {settings.bound_s:g} s "
-        f"+ {settings.slack_s:g} s slack) |",
+        f"+ {settings.slack_s:g} s slack + slow activations in flight) |",
         f"| FM subprocesses alive after a daemon SIGKILL | {result.orphaned_fm_processes} |",
         f"| - still alive once the next daemon served | {result.fm_processes_outliving_restart} |",
     ]
