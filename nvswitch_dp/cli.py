@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return status_main(argv[1:])
     args = parser().parse_args(argv)
+    if args.command == "run":
+        # Until the daemon's own receiver is installed (importing it takes about a
+        # second), a SIGTERM would kill the process with -15. Nothing needs cleaning up
+        # yet, so exit 0 at once; Trio's receiver replaces this handler.
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     if args.command == "demo":
         if args.mode == "dra":
             from nvswitch_dp.demo import run_dra_demo

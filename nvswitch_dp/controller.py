@@ -40,6 +40,7 @@ from nvswitch_dp.partitions.node import (
     Effect,
     Failed,
     ListFabric,
+    Mode,
     NodeMachine,
     NodeView,
     Outcome,
@@ -246,15 +247,17 @@ class PartitionController:
         )
         self.feed = ChangeFeed(lambda: self.machine.generation)
         self._changed = trio.Event()
+        self._outcome = trio.Event()  # set after every FM outcome (settle)
         self._effects_ready = trio.Event()
         self._supervise_wakeup = trio.Event()
         self._seen_generation = machine.generation
         metrics.count_devices_with(lambda partition: len(unit.device_ids(partition)))
         metrics.observe_partitions(self._views_with_resource)
         metrics.observe_fabric(lambda: self.view().fabric_reachable)
-        for resource in self.layout.resources:
-            machine.set_registered(resource, False)  # readiness waits for every one
-            metrics.resource_registered.labels(resource=resource).set(0)
+        if machine.mode is Mode.DEVICE_PLUGIN:  # DRA mode registers no resources
+            for resource in self.layout.resources:
+                machine.set_registered(resource, False)  # readiness waits for every one
+                metrics.resource_registered.labels(resource=resource).set(0)
 
     # -- reading -------------------------------------------------------------------
 
@@ -516,6 +519,8 @@ class PartitionController:
                 log.warning("Fabric Manager %s: outcome unknown (%s)", operation, outcome.reason)
             self.machine.fm_outcome(effect.op, outcome, trio.current_time())
             self._after_event()
+            self._outcome.set()
+            self._outcome = trio.Event()
 
     async def _call(self, effect: Effect) -> Outcome:
         if isinstance(effect, Activate):
@@ -535,7 +540,7 @@ class PartitionController:
     async def settle(self) -> None:
         """Wait until no FM call is in flight (tests and benchmarks)."""
         while self.machine.in_flight():
-            await self._changed.wait()
+            await self._outcome.wait()
 
 
 _OPERATION: dict[type, str] = {

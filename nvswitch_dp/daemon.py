@@ -88,6 +88,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FM_START_BACKOFF_MAX_S = 5.0
+STREAM_DRAIN_S = 0.05
 # How long to wait for PodResources before resuming a restarted FM blind (FM exits 60 s
 # after its restart unless told which partitions are still active).
 FM_RESUME_PATIENCE_S = 30.0
@@ -127,6 +128,7 @@ def build_fabric_client(config: Config) -> FabricManagerClient:
             endpoint=fm.endpoint,
             timeout=fm.timeout_seconds,
             retries=fm.retries,
+            state_dir=Path(config.state_dir),  # fmpm runs a killed daemon left are killed
         )
     from nvswitch_dp.fabric.libnvfm import LibnvfmFabricManager
 
@@ -223,6 +225,9 @@ async def watch_signals(
         async for signum in signals:
             log.info("received %s; shutting down", signal.Signals(signum).name)
             on_signal()
+            # Let every ListAndWatch stream send its end before the cancellation closes
+            # the connections (a checkpoint alone is not enough for the asyncio side).
+            await trio.sleep(STREAM_DRAIN_S)
             raise ShutdownError(signal.Signals(signum).name)
 
 

@@ -69,9 +69,11 @@ from dataclasses import dataclass
 from nvswitch_dp.fabric.types import FmReport, FmReturn, fm_return_name
 from nvswitch_dp.partitions.state import (
     Claim,
+    PartitionBlocked,
     PartitionBook,
     PartitionView,
     Phase,
+    State,
     StateError,
     UnknownPartition,
 )
@@ -321,6 +323,11 @@ class NodeMachine:
         self._pod_resources_reachable: bool | None = None
         self._registered: dict[str, bool] = dict.fromkeys(resources, False)
         self._view: NodeView | None = None
+        self._now = now  # the time of the event being taken
+        # Stale reports: a list answered after an outcome it did not see must not undo it.
+        self._outcomes_seen = 0  # activation/deactivation outcomes so far
+        self._changed_at: dict[int, int] = {}  # partition -> outcome count at its last one
+        self._list_began: dict[int, int] = {}  # list op -> outcome count when emitted
         claims = dict(claims or {})
         for pid in claims.values():
             if pid not in table:
@@ -417,6 +424,7 @@ class NodeMachine:
         :class:`~nvswitch_dp.partitions.state.PartitionUnhealthy` or
         :class:`~nvswitch_dp.partitions.state.IllegalTransition`; nothing changed.
         """
+        self._now = now
         return self._take(partition_ids, now, lambda pid: _Hold("pod"))
 
     def forget(self, request_id: int) -> None:
@@ -433,6 +441,7 @@ class NodeMachine:
         waits for its activation). The UID on another partition raises
         :class:`StateError`; otherwise raises as :meth:`allocate`.
         """
+        self._now = now
         phase = self.book.phase(partition_id)
         held = self._claims.get(claim_uid)
         if held is not None and held != partition_id:
@@ -471,6 +480,7 @@ class NodeMachine:
     def release_claim(self, claim_uid: str, now: float) -> None:
         """Unprepare: drop the claim's hold and deactivate its partition. Unknown UID:
         nothing to do (the kubelet retries Unprepare)."""
+        self._now = now
         pid = self._claims.pop(claim_uid, None)
         if pid is None:
             return
@@ -485,6 +495,7 @@ class NodeMachine:
     def operator_activate(self, partition_id: int, now: float) -> int:
         """Pre-warm a partition no pod holds (N8). Raises as the book's
         ``begin_activation`` does."""
+        self._now = now
         self._free_of_calls([partition_id])
         self.book.begin_activation(partition_id)
         self._emit_activation(partition_id)
@@ -499,6 +510,7 @@ class NodeMachine:
         Raises :class:`~nvswitch_dp.partitions.state.PartitionInUse` when held and not
         ``force``, :class:`~nvswitch_dp.partitions.state.IllegalTransition` unless ACTIVE.
         """
+        self._now = now
         self._free_of_calls([partition_id])
         self.book.begin_deactivation(partition_id, force=force)
         hold = self._holds.pop(partition_id, None)
@@ -535,6 +547,7 @@ class NodeMachine:
     def pod_resources(self, assigned: Iterable[int] | None, now: float) -> None:
         """One PodResources reading: the partitions some container holds, or None when
         it could not be read (N5). IDs not in the table are ignored."""
+        self._now = now
         if assigned is None:
             for hold in self._holds.values():
                 hold.unassigned_since = None
@@ -563,6 +576,7 @@ class NodeMachine:
     def tick(self, now: float) -> None:
         """Time passes: holds after failures expire; in DRA mode, partitions found
         active that no claim holds are released after ``grace`` (N6)."""
+        self._now = now
         changed = False
         for pid, (_, until) in list(self._failure_holds.items()):
             if now >= until:
@@ -582,6 +596,8 @@ class NodeMachine:
         """The supervision period came round: list FM (and let time pass)."""
         self._supervise_now = False
         self._list_wanted = True
+        if self._trouble.status is FabricStatus.RESTARTING and not self._any(SetActivated):
+            self._set_activated_sent = False
         self.tick(now)
 
     # -- FM outcomes ---------------------------------------------------------------
@@ -589,25 +605,30 @@ class NodeMachine:
     def fm_outcome(self, op: int, outcome: Outcome, now: float) -> None:
         """The outcome of FM call ``op`` (N2-N7). Raises :class:`UnknownOperation` for an
         op not in flight (nothing changed)."""
+        self._now = now
         effect = self._inflight.get(op)
         if effect is None:
             raise UnknownOperation(op)
         del self._inflight[op]
         if isinstance(effect, Activate | Deactivate):
             del self._call_on[effect.partition_id]
-        self._note_trouble(outcome)
+            self._outcomes_seen += 1
+            self._changed_at[effect.partition_id] = self._outcomes_seen
+        self._note_trouble(outcome, from_list=isinstance(effect, ListFabric))
         if isinstance(effect, Activate):
             self._activation_outcome(effect.partition_id, outcome, now)
         elif isinstance(effect, Deactivate):
             self._deactivation_outcome(effect.partition_id, outcome)
         elif isinstance(effect, SetActivated):
-            if isinstance(outcome, Succeeded):
-                self._list_wanted = True
-            else:
-                self._set_activated_sent = False  # the next supervision tries again
+            # Either way, ask FM where it stands; a failed set-activated is sent again at
+            # the next supervision if FM is still waiting for it (paced, not a hot loop).
+            self._list_wanted = True
         elif isinstance(outcome, Succeeded) and outcome.report is not None:
-            self._reconcile(outcome.report, now)
+            began = self._list_began.pop(op, self._outcomes_seen)
+            stale = {pid for pid, at in self._changed_at.items() if at > began}
+            self._reconcile(outcome.report, now, stale)
         else:
+            self._list_began.pop(op, None)
             self._unsettled_fail(f"Fabric Manager could not be asked ({_describe(outcome)})")
         self._pump()
 
@@ -624,20 +645,15 @@ class NodeMachine:
             seen.add(pid)
             self.book.phase(pid)  # UnknownPartition before anything changes
         self._free_of_calls([pid for pid in wanted if not self.book.in_use(pid)])
-        claimed: list[tuple[int, Claim, bool]] = []
-        try:
-            for pid in wanted:
-                was_held = pid in self._holds
-                claimed.append((pid, self.book.claim(pid), was_held))
-        except StateError:
-            for pid, claim, was_held in reversed(claimed):
-                if claim is Claim.ACTIVATE:
-                    self.book.activation_failed(pid)
-                elif not was_held:
-                    self.book.release(pid)
-            raise
+        # Check everything first, so a refusal changes nothing (not even the generation).
+        for i, pid in enumerate(wanted):
+            self.book.check_claim(pid)
+            for other in wanted[:i]:
+                if self.table[pid].overlaps(self.table[other]):
+                    raise PartitionBlocked(pid, other, State.ACTIVATING)
+        claimed = [(pid, self.book.claim(pid)) for pid in wanted]
         request = _Request(tuple(wanted), set(), set())
-        for pid, claim, _ in claimed:
+        for pid, claim in claimed:
             hold = self._holds.get(pid)
             if hold is None:
                 hold = self._holds[pid] = hold_for(pid)
@@ -680,10 +696,19 @@ class NodeMachine:
             self._emit_activation(pid)
 
     def _release_due(self, pid: int, hold: _Hold, now: float) -> bool:
-        if hold.clock_from is None or pid in self._call_on or hold.unassigned_since is None:
+        if pid in self._call_on or hold.unassigned_since is None:
             return False
-        if any(pid in r.waiting for r in self._requests.values()):
+        if hold.clock_from is None:
+            # No activation completed (it failed, or FM had an overlap active): the
+            # clock starts now that nothing is in flight, so the hold cannot outlive
+            # its pod.
+            hold.clock_from = now
             return False
+        if any(
+            pid in r.partitions and r.status is RequestStatus.PENDING
+            for r in self._requests.values()
+        ):
+            return False  # a request still waits on it (or on its siblings)
         phase = self.book.phase(pid)
         if phase not in (Phase.ACTIVE, Phase.INACTIVE):
             return False
@@ -700,6 +725,8 @@ class NodeMachine:
     # -- internals: FM -------------------------------------------------------------
 
     def _emit(self, effect: Effect, pid: int | None = None) -> None:
+        if isinstance(effect, ListFabric):
+            self._list_began[effect.op] = self._outcomes_seen
         self._inflight[effect.op] = effect
         if pid is not None:
             self._call_on[pid] = effect.op
@@ -799,18 +826,27 @@ class NodeMachine:
     def _finish_if_done(self, request: _Request) -> None:
         if request.status is RequestStatus.PENDING and not request.waiting:
             request.status = RequestStatus.GRANTED
+            # The grant is the moment the kubelet may record the pod's devices: every
+            # pod hold of the request starts its release clock now (N5).
+            for pid in request.partitions:
+                hold = self._holds.get(pid)
+                if hold is not None and hold.kind == "pod":
+                    hold.clock_from = self._now
+                    hold.unassigned_since = None
             self.book.touch()
 
-    def _note_trouble(self, outcome: Outcome) -> None:
+    def _note_trouble(self, outcome: Outcome, *, from_list: bool) -> None:
         if isinstance(outcome, Succeeded):
-            self._set_trouble(FabricStatus.UP, None)
+            self._set_trouble(FabricStatus.UP, None, from_list=from_list)
             return
         if isinstance(outcome, Unknown):
             return  # says nothing about FM; the list it triggers will
         code = outcome.code
         if code in (FmReturn.CONNECTION_NOT_VALID, FmReturn.TIMEOUT):
             self._set_trouble(
-                FabricStatus.UNREACHABLE, f"Fabric Manager unreachable: {outcome.message}"
+                FabricStatus.UNREACHABLE,
+                f"Fabric Manager unreachable: {outcome.message}",
+                from_list=from_list,
             )
         elif code == FmReturn.NOT_CONFIGURED:
             if self._trouble.status is not FabricStatus.RESTARTING:
@@ -818,22 +854,32 @@ class NodeMachine:
             self._set_trouble(
                 FabricStatus.RESTARTING,
                 "Fabric Manager is starting or restarting (waiting for set-activated)",
+                from_list=from_list,
             )
 
-    def _set_trouble(self, status: FabricStatus, problem: str | None) -> None:
+    def _set_trouble(self, status: FabricStatus, problem: str | None, *, from_list: bool) -> None:
         if (self._trouble.status, self._trouble.problem) == (status, problem):
             return
-        began = status is not FabricStatus.UP and self._trouble.status is FabricStatus.UP
+        # Trouble seen by a call other than the supervisor's own list: supervise now.
+        began = (
+            status is not FabricStatus.UP
+            and self._trouble.status is FabricStatus.UP
+            and not from_list
+        )
         self._trouble = _Trouble(status, problem)
         self.book.set_fabric_fault(problem)
         self.book.touch()
         if began:
             self._supervise_now = True  # trouble began: supervise now, not next period
 
-    def _reconcile(self, report: FmReport, now: float) -> None:
-        """N6: take FM's report."""
+    def _reconcile(self, report: FmReport, now: float, stale: set[int]) -> None:
+        """N6: take FM's report. ``stale``: partitions whose activation or deactivation
+        ended after the list was asked for; the report may predate it, so for them our
+        own outcome stands (an overlapping partition keeps them from being taken up)."""
         before = {pid: self.book.phase(pid) for pid in self.table.ids}
-        self.book.observe_active(report.active_ids)
+        self.book.observe_active(report.active_ids, ignore=stale)
+        if any(before[pid] is Phase.UNKNOWN for pid in stale):
+            self._list_wanted = True  # settle it with a report that saw its outcome
         for pid in self.table.ids:
             was, phase = before[pid], self.book.phase(pid)
             if was is Phase.UNKNOWN:
@@ -850,12 +896,17 @@ class NodeMachine:
                 hold.clock_from = now
         self._retry_after_report.clear()
         self._apply_link_state(report)
-        # Held partitions FM has inactive are activated again (N6).
+        # Held partitions FM has inactive are activated again (N6), unless FM has an
+        # overlapping one active (taken behind our back: it would only answer IN_USE;
+        # the hold's release, or that partition's, resolves it).
         if self._trouble.status is FabricStatus.UP:
             for pid in sorted(self._holds):
-                if self.book.phase(pid) is Phase.INACTIVE and pid not in self._call_on:
-                    self.book.reactivate(pid)
-                    self._emit_activation(pid)
+                if self.book.phase(pid) is not Phase.INACTIVE or pid in self._call_on:
+                    continue
+                if self.table.overlapping(pid) & report.active_ids:
+                    continue
+                self.book.reactivate(pid)
+                self._emit_activation(pid)
         self.tick(now)
 
     def _restore_forced(self, pid: int) -> None:
@@ -924,7 +975,9 @@ class NodeMachine:
     def _pump(self) -> None:
         """Ask for the FM calls the state now needs (N2, N4, N7)."""
         if self._trouble.status is FabricStatus.RESTARTING:
-            if not self._set_activated_sent and not self._any(SetActivated):
+            if self._any(SetActivated):
+                return
+            if not self._set_activated_sent:
                 self._set_activated_sent = True
                 held = tuple(
                     sorted(
@@ -934,6 +987,9 @@ class NodeMachine:
                     )
                 )
                 self._emit(SetActivated(next(self._ops), held))
+            elif self._list_wanted and not self._any(ListFabric):
+                self._list_wanted = False
+                self._emit(ListFabric(next(self._ops)))
             return
         for pid in sorted(self._to_deactivate):
             if pid in self._holds or pid in self._call_on:

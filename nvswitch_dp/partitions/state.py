@@ -281,13 +281,7 @@ class PartitionBook:
         blocker), :class:`PartitionUnhealthy`, or :class:`IllegalTransition` while it
         is being deactivated.
         """
-        phase = self._phase[self._known(partition_id)]
-        if phase in (Phase.DEACTIVATING, Phase.UNKNOWN):
-            raise IllegalTransition(partition_id, phase, "be allocated")
-        self._check_not_blocked(partition_id)
-        self._check_not_faulty(partition_id)
-        if partition_id not in self._in_use and self.drained(partition_id):
-            raise PartitionUnhealthy(partition_id, "a GPU of it is drained for maintenance")
+        phase = self.check_claim(partition_id)
         self._in_use.add(partition_id)
         if phase is Phase.INACTIVE:
             self._phase[partition_id] = Phase.ACTIVATING
@@ -295,6 +289,17 @@ class PartitionBook:
             return Claim.ACTIVATE
         self._changed()
         return Claim.WAIT if phase is Phase.ACTIVATING else Claim.READY
+
+    def check_claim(self, partition_id: int) -> Phase:
+        """Raise what :meth:`claim` would raise, changing nothing; return the phase."""
+        phase = self._phase[self._known(partition_id)]
+        if phase in (Phase.DEACTIVATING, Phase.UNKNOWN):
+            raise IllegalTransition(partition_id, phase, "be allocated")
+        self._check_not_blocked(partition_id)
+        self._check_not_faulty(partition_id)
+        if partition_id not in self._in_use and self.drained(partition_id):
+            raise PartitionUnhealthy(partition_id, "a GPU of it is drained for maintenance")
+        return phase
 
     def begin_activation(self, partition_id: int) -> None:
         """Activate without a pod (operator pre-warming); the partition stays not in use.
@@ -417,23 +422,30 @@ class PartitionBook:
         self._in_use = {pid for pid in in_use_ids if pid in active}
         self._changed()
 
-    def observe_active(self, active_ids: Iterable[int]) -> set[int]:
+    def observe_active(self, active_ids: Iterable[int], *, ignore: Iterable[int] = ()) -> set[int]:
         """Reconcile the settled phases with FM's active set; return the IDs corrected.
 
         Partitions in flight (ACTIVATING, DEACTIVATING) are left alone: their outcome
         arrives through the transition methods. FM's word wins for settled ones and
         settles UNKNOWN ones. A partition FM dropped keeps its claim: its pod still has
         the GPUs, so nothing overlapping may be handed out until it is released. IDs FM
-        reports that are not in the table are ignored.
+        reports that are not in the table are ignored, and so are the partitions in
+        ``ignore`` (the report may be older than what the book knows of them).
         """
-        active = set(active_ids)
+        skip = set(ignore)
+        active = {pid for pid in active_ids if pid not in skip}
+        active |= {pid for pid in skip if pid in self._phase and self._phase[pid] is Phase.ACTIVE}
         corrected: set[int] = set()
         # Drops first, so a partition FM swapped for an overlapping one can be taken up.
         for pid in self.table.ids:
+            if pid in skip:
+                continue
             if self._phase[pid] in (Phase.ACTIVE, Phase.UNKNOWN) and pid not in active:
                 self._phase[pid] = Phase.INACTIVE
                 corrected.add(pid)
         for pid in self.table.ids:
+            if pid in skip:
+                continue
             if self._phase[pid] is Phase.UNKNOWN:  # occupied, so nothing overlapping is
                 self._phase[pid] = Phase.ACTIVE
                 corrected.add(pid)
