@@ -470,11 +470,20 @@ class PartitionController:
         self._after_event()
 
     async def wait_supervision(self, interval: float) -> None:
-        """Sleep until the next supervision is due (early when the machine asks)."""
-        delay = self.machine.supervision_delay(interval)
-        if delay > 0:
-            with trio.move_on_after(delay):
-                await self._supervise_wakeup.wait()
+        """Sleep until the next supervision is due: ``interval`` after the last one, or
+        sooner when the machine's own delay shrinks meanwhile (trouble began: every
+        second) or it asks for supervision at once."""
+        start = trio.current_time()
+        while (due := start + self.machine.supervision_delay(interval)) > trio.current_time():
+            with trio.move_on_at(due):
+                async with trio.open_nursery() as nursery:
+
+                    async def woken(event: trio.Event) -> None:
+                        await event.wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(woken, self._supervise_wakeup)
+                    nursery.start_soon(woken, self._changed)
         self._supervise_wakeup = trio.Event()
 
     # -- running FM calls ----------------------------------------------------------

@@ -78,6 +78,8 @@ def test_claim_prepare_fm_active_cdi_spec_unprepare(cluster: DraCluster) -> None
     assert cluster.cdi_spec(claim) is None
     assert cluster.unprepare(claim) == ""  # an unknown claim is a success
     cluster.delete_claim(claim)  # the pod is gone: the scheduler frees its devices
+    # The overlapping 8x partition comes back once the deactivation is published.
+    cluster.wait(lambda: "partition-0" in cluster.devices(), 10, "partition-0 published again")
     assert cluster.allocator().allocate(partition_claim(8)) is not None  # all free again
 
 

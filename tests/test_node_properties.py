@@ -282,7 +282,10 @@ class NodeMachineRules(RuleBasedStateMachine):
 
     @rule(pid=st.sampled_from(IDS))
     def fm_behind_our_back(self, pid: int) -> None:
-        if not self.fm.overlaps_active(pid):
+        # FM refuses overlaps with what it has active; an operator who activates over a
+        # prepared DRA claim's GPUs is out of scope (the claim keeps its hold for good).
+        claimed = set(self.machine.snapshot().claims.values())
+        if not self.fm.overlaps_active(pid) and not (TABLE.overlapping(pid) | {pid}) & claimed:
             self.fm.active.add(pid)
 
     @rule()

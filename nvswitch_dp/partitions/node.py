@@ -32,21 +32,29 @@ N4 Failures roll back. A failed activation fails every request waiting for it;
 N5 Release (device-plugin mode). The kubelet never says a pod ended. A partition a pod
    holds is released (its hold dropped, then deactivated) once it has been ACTIVE with no
    call in flight and absent from every PodResources reading for ``grace`` seconds,
-   counted from the latest of: its activation completing, its last claim, its first
-   absence. The clock does not run while its activation is in flight. An unreadable
-   PodResources resets every clock: nothing is released on missing facts. A partition
-   PodResources shows assigned but that we do not hold is taken as held.
+   counted from the latest of: its activation completing (or, when none completed,
+   the first reading after its call ended), its request's grant, its first absence.
+   Nothing is released while its call is in flight or while a pending request names
+   it. An unreadable PodResources resets every clock: nothing is released on missing
+   facts. A partition PodResources shows assigned but that we do not hold is taken as
+   held.
 N6 Reconcile. FM's report is the truth for settled partitions. A held partition FM has
    inactive stays held (its pod or claim still has the GPUs) and is activated again; a
    partition FM has active that we had inactive (found at start, the late end of a
    killed call, an operator's ``fmpm -a``) is taken as held by a pod that may exist, so
    N5 releases it unless PodResources shows it (in DRA mode, where only claims hold
-   partitions, it is released ``grace`` seconds after it was found).
+   partitions, it is released ``grace`` seconds after it was found). A held partition
+   is not activated again while FM reports an overlapping one active (FM would only say
+   IN_USE); the release of one of the two resolves it. A report asked for before an
+   activation or deactivation ended, but answered after, does not undo that outcome:
+   those partitions keep what their own outcome said (UNKNOWN ones wait for a newer
+   list).
 N7 FM restart. NOT_CONFIGURED from any call means FM restarted and waits for
    set-activated: the machine asks for it with exactly the partitions held and active,
-   then lists. While FM is unreachable or restarting nothing new is handed out (the
-   fabric fault) but partitions in use stay Healthy. An FM error on any call asks for
-   supervision at once; while the trouble lasts supervision runs every second.
+   then lists; a set-activated that fails is sent again at the next supervision. While
+   FM is unreachable or restarting nothing new is handed out (the fabric fault) but
+   partitions in use stay Healthy. Trouble seen by any call but the supervisor's own
+   list asks for supervision at once; while it lasts supervision runs every second.
 N8 Operator. Activate pre-warms a partition held by nobody (not released by N5);
    deactivate is refused while a pod or claim holds it unless ``force``; drain and undrain
    take GPUs out of and back into the pool.
@@ -54,6 +62,14 @@ N9 Claims (DRA). A claim holds one partition under its UID; only :meth:`release_
    (Unprepare) or an operator's force drops it. Holding the same partition again under
    the same UID is a no-op.
 N10 Illegal events raise and change nothing: unknown partitions, GPUs, ops and requests.
+
+Events (those that depend on time take ``now``; any may leave effects to take):
+the constructor (FM's first report, checkpointed claims), ``allocate``, ``forget``,
+``claim``, ``release_claim``, ``operator_activate``, ``operator_deactivate``, ``drain``,
+``undrain``, ``gpu_fault``, ``set_registered``, ``pod_resources`` (a reading, or None),
+``tick`` (time passes), ``supervise`` (the period came round) and ``fm_outcome`` (an FM
+call's outcome, with the report for a list). Questions: ``snapshot`` (the immutable
+:class:`NodeView`), ``result`` of a request, ``supervision_delay``, ``in_flight``.
 
 Every change bumps the book's one generation, which ListAndWatch and the other edges
 follow. Ownership: one machine per daemon, driven from one thread.
@@ -186,6 +202,7 @@ class _Request:
     waiting: set[int]
     fresh: set[int]  # partitions this request put in use (let go if it fails)
     deactivating: bool = False  # an operator's deactivation (waits for INACTIVE)
+    abandoned: bool = False  # forgotten by its caller while pending
     status: RequestStatus = RequestStatus.PENDING
     error: str | None = None
     kind: str | None = None
@@ -312,6 +329,8 @@ class NodeMachine:
         self._holds: dict[int, _Hold] = {}
         self._claims: dict[str, int] = {}
         self._to_deactivate: set[int] = set()
+        # What the last PodResources reading listed: never deactivated without force.
+        self._assigned_last: frozenset[int] = frozenset()
         self._forced: dict[int, _Hold] = {}  # holds a forced deactivation in flight dropped
         self._retry_after_report: set[int] = set()  # deactivations that failed
         self._failure_holds: dict[int, tuple[str, float]] = {}
@@ -428,9 +447,14 @@ class NodeMachine:
         return self._take(partition_ids, now, lambda pid: _Hold("pod"))
 
     def forget(self, request_id: int) -> None:
-        """The edge answered (or gave up on) the request; its holds are unaffected."""
-        self._request(request_id)
-        del self._requests[request_id]
+        """The edge answered (or gave up on) the request; its holds are unaffected. A
+        pending one is kept, unseen, until it ends, so that a failure still lets go of
+        what it took (N4)."""
+        request = self._request(request_id)
+        if request.status is RequestStatus.PENDING:
+            request.abandoned = True
+        else:
+            del self._requests[request_id]
 
     # -- DRA path ------------------------------------------------------------------
 
@@ -559,6 +583,7 @@ class NodeMachine:
             self._pod_resources_reachable = True
             self.book.touch()
         seen = {pid for pid in assigned if pid in self.table}
+        self._assigned_last = frozenset(seen)
         for pid in sorted(seen - set(self._holds)):
             self._hold_found(pid, now)
         for pid, hold in list(self._holds.items()):
@@ -876,6 +901,20 @@ class NodeMachine:
         """N6: take FM's report. ``stale``: partitions whose activation or deactivation
         ended after the list was asked for; the report may predate it, so for them our
         own outcome stands (an overlapping partition keeps them from being taken up)."""
+        # FM has a partition active over the GPUs of a pod's hold that FM has inactive
+        # (both facts, contradicting each other): FM's truth about activity wins. The
+        # hold is let go, which deactivates nothing; PodResources takes it again once
+        # the other partition is released.
+        for pid, hold in list(self._holds.items()):
+            if (
+                hold.kind == "pod"
+                and self.book.phase(pid) is Phase.INACTIVE
+                and pid not in self._call_on
+                and pid not in stale
+                and self.table.overlapping(pid) & report.active_ids
+            ):
+                del self._holds[pid]
+                self.book.release(pid)
         before = {pid: self.book.phase(pid) for pid in self.table.ids}
         self.book.observe_active(report.active_ids, ignore=stale)
         if any(before[pid] is Phase.UNKNOWN for pid in stale):
@@ -974,6 +1013,7 @@ class NodeMachine:
 
     def _pump(self) -> None:
         """Ask for the FM calls the state now needs (N2, N4, N7)."""
+        self._drop_abandoned()
         if self._trouble.status is FabricStatus.RESTARTING:
             if self._any(SetActivated):
                 return
@@ -992,8 +1032,8 @@ class NodeMachine:
                 self._emit(ListFabric(next(self._ops)))
             return
         for pid in sorted(self._to_deactivate):
-            if pid in self._holds or pid in self._call_on:
-                continue
+            if pid in self._holds or pid in self._call_on or pid in self._assigned_last:
+                continue  # a pod holds it per PodResources: the next reading holds it
             phase = self.book.phase(pid)
             if phase is Phase.INACTIVE:
                 self._to_deactivate.discard(pid)
@@ -1009,9 +1049,17 @@ class NodeMachine:
 
     def _request(self, request_id: int) -> _Request:
         request = self._requests.get(request_id)
-        if request is None:
+        if request is None or request.abandoned:
             raise UnknownRequest(request_id)
         return request
+
+    def _drop_abandoned(self) -> None:
+        for rid in [
+            r
+            for r, q in self._requests.items()
+            if q.abandoned and q.status is not RequestStatus.PENDING
+        ]:
+            del self._requests[rid]
 
     # -- tests ---------------------------------------------------------------------
 
