@@ -31,13 +31,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nvswitch_dp.controller import ContainerGrant
+from nvswitch_dp.dra.files import TEMP_SUFFIX, fsync_directory, write_atomically
 from nvswitch_dp.dra.uid import is_claim_uid, validate_claim_uid
 
 VENDOR = "nvswitch-dp.io"
@@ -52,7 +52,7 @@ MOUNT_OPTIONS = ("ro", "nosuid", "nodev", "bind")
 
 _SPEC_PREFIX = f"{VENDOR}-{DEVICE_CLASS}_"
 _SPEC_SUFFIX = ".json"
-_TEMP_SUFFIX = ".tmp"
+_TEMP_SUFFIX = TEMP_SUFFIX
 
 
 class CdiSpecError(ValueError):
@@ -167,29 +167,8 @@ class CdiDirectory:
         """
         spec = cdi_spec(claim_uid, grant, mounts=mounts)
         data = (json.dumps(spec, indent=2) + "\n").encode()
-        self.path.mkdir(parents=True, exist_ok=True)
-        final = self.spec_path(claim_uid)
-        fd, temp = tempfile.mkstemp(dir=self.path, prefix=f".{final.name}.", suffix=_TEMP_SUFFIX)
-        try:
-            # Readable by the runtime and by operators' tools (`cdi list`) alike.
-            os.fchmod(fd, 0o644)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        os.close(fd)
-        try:
-            os.replace(temp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        _fsync_directory(self.path)
+        # Readable by the runtime and by operators' tools (`cdi list`) alike.
+        write_atomically(self.spec_path(claim_uid), data, mode=0o644)
         return qualified_device_id(claim_uid)
 
     def remove(self, claim_uid: str) -> None:
@@ -201,7 +180,7 @@ class CdiDirectory:
             self.spec_path(claim_uid).unlink()
         except FileNotFoundError:
             return
-        _fsync_directory(self.path)
+        fsync_directory(self.path)
 
     def claim_uids(self) -> set[str]:
         """UIDs of the claims that have a spec here (a missing directory: none).
@@ -238,12 +217,3 @@ class CdiDirectory:
                     os.unlink(self.path / name)
                     removed += 1
         return removed
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable (the entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

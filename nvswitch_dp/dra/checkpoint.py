@@ -30,17 +30,17 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nvswitch_dp.dra.files import TEMP_SUFFIX, write_atomically
 from nvswitch_dp.dra.uid import InvalidClaimUid, validate_claim_uid
 
 CHECKPOINT_VERSION = 1
 DEFAULT_FILE_NAME = "dra-checkpoint.json"
-_TEMP_SUFFIX = ".tmp"
+_TEMP_SUFFIX = TEMP_SUFFIX
 
 _CLAIM_KEYS = {"uid", "namespace", "name", "partitionID", "devices", "cdiIDs"}
 _DEVICE_KEYS = {"requests", "device"}
@@ -121,31 +121,7 @@ class Checkpoint:
             "claims": encoded,
         }
         data = (json.dumps(document, indent=1, sort_keys=True) + "\n").encode()
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(
-            dir=directory, prefix=f".{self.path.name}.", suffix=_TEMP_SUFFIX
-        )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(temp, self.path)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, data)
 
     def _discard_partial_saves(self) -> None:
         try:

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from nvswitch_dp.dra.cdi import CdiMount
+from nvswitch_dp.dra.files import TEMP_SUFFIX, write_atomically
 from nvswitch_dp.dra.uid import validate_claim_uid
 
 CONTAINER_DIR = PurePosixPath("/var/run/kubernetes.io/dra-device-attributes")
@@ -50,7 +49,7 @@ FILE_SUFFIX = "-metadata.json"
 API_VERSION = "metadata.resource.k8s.io/v1alpha1"
 KIND = "DeviceMetadata"
 POD_CLAIM_NAME = "resource.kubernetes.io/pod-claim-name"
-_TEMP_SUFFIX = ".tmp"
+_TEMP_SUFFIX = TEMP_SUFFIX
 
 
 class MetadataError(ValueError):
@@ -157,7 +156,7 @@ class DeviceMetadataFiles:
                 [(self.driver, self.pool, n, self.attributes.get(n, {})) for n in names],
             )
             target = base / directory / top / file_name(self.driver)
-            _write_atomically(target, (json.dumps(obj, indent=2) + "\n").encode())
+            write_atomically(target, (json.dumps(obj, indent=2) + "\n").encode(), mode=0o644)
         return self.mounts(uid)
 
     def mounts(self, claim_uid: str) -> list[CdiMount]:
@@ -173,29 +172,6 @@ class DeviceMetadataFiles:
         """Remove the claim's files (none there: nothing to do)."""
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.claim_root(claim_uid))
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        os.fchmod(fd, 0o644)  # read by the container's user, whoever it is
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    os.close(fd)
-    try:
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 def published_attributes(slices: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
