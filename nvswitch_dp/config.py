@@ -215,6 +215,18 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
+def _supervision_period(value: Any) -> float:
+    # A restarted FM exits 60 s after its restart unless told set-activated, and an idle
+    # daemon only learns of the restart at its next supervision.
+    period = _positive_number(value)
+    if period >= 30:
+        raise _Invalid(
+            f"must be below 30 seconds (a restarted Fabric Manager exits after 60 s "
+            f"unless resumed), got {_show(value)}"
+        )
+    return period
+
+
 def _non_negative_number(value: Any) -> float:
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise _Invalid(f"must be a number >= 0, got {_show(value)}")
@@ -558,7 +570,7 @@ _FABRIC: dict[str, Validator] = {
     "libnvfm_path": _string,
     "timeout_seconds": _positive_number,
     "retries": _non_negative_int,
-    "reconcile_interval_seconds": _positive_number,
+    "reconcile_interval_seconds": _supervision_period,
     "simulator_platform": _platform,
 }
 _VFIO: dict[str, Validator] = {

@@ -238,6 +238,12 @@ BAD = [
         "positive",
     ),
     (
+        "reconcile-beyond-fm-restart-window",
+        _v1("fabric_manager: {reconcile_interval_seconds: 60}\n"),
+        "fabric_manager.reconcile_interval_seconds",
+        "below 30 seconds",
+    ),
+    (
         "platform",
         _v1("fabric_manager: {simulator_platform: dgx-h200}\n"),
         "fabric_manager.simulator_platform",

@@ -282,12 +282,14 @@ class PartitionBook:
         is being deactivated.
         """
         phase = self.check_claim(partition_id)
+        newly = partition_id not in self._in_use
         self._in_use.add(partition_id)
         if phase is Phase.INACTIVE:
             self._phase[partition_id] = Phase.ACTIVATING
             self._changed()
             return Claim.ACTIVATE
-        self._changed()
+        if newly:  # a claim again of what is in use changes nothing anyone sees
+            self._changed()
         return Claim.WAIT if phase is Phase.ACTIVATING else Claim.READY
 
     def check_claim(self, partition_id: int) -> Phase:

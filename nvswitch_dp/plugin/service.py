@@ -140,7 +140,7 @@ class DevicePluginService(dp.DevicePluginBase):
         log.info(
             "allocated %s to a container",
             ", ".join(
-                controller.view().table[pid].device_id
+                controller.machine.table[pid].device_id
                 for s in allocation.containers
                 for pid in s.partition_ids
             ),
