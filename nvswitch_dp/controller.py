@@ -374,15 +374,11 @@ class PartitionController:
         Raises :class:`AllocationError` (the machine has undone a failed activation).
         """
         try:
-            rid = self.machine.claim(claim_uid, partition_id, trio.current_time())
+            result = await self._request(
+                lambda now: self.machine.claim(claim_uid, partition_id, now)
+            )
         except StateError as exc:
             raise AllocationError(str(exc)) from None
-        finally:
-            self._after_event()
-        try:
-            result = await self._wait(rid)
-        finally:
-            self.machine.forget(rid)
         if result.status is RequestStatus.FAILED:
             raise AllocationError(result.error or "activation failed", kind="fabric")
         partition = self.machine.table[partition_id]
@@ -412,15 +408,21 @@ class PartitionController:
             lambda now: self.machine.operator_deactivate(partition_id, now, force=force),
         )
 
-    async def _operator(self, operation: str, start: Callable[[float], int]) -> None:
+    async def _request(self, start: Callable[[float], int]) -> RequestResult:
+        """Start a machine request (``start`` raises StateError to refuse it), wait for
+        its end and forget it; a cancelled wait forgets it too (the machine still rolls
+        back a failure of what it took)."""
         try:
             rid = start(trio.current_time())
         finally:
             self._after_event()
         try:
-            result = await self._wait(rid)
+            return await self._wait(rid)
         finally:
             self.machine.forget(rid)
+
+    async def _operator(self, operation: str, start: Callable[[float], int]) -> None:
+        result = await self._request(start)
         if result.status is RequestStatus.FAILED:
             code = result.code if result.code is not None else FmReturn.TIMEOUT
             raise error_for(code, operation, result.error or "")

@@ -340,20 +340,7 @@ async def run_daemon(
         resources = [f"{prefix}-{size}x" for size in table.sizes]
         # Whatever FM has active may be in use: held until PodResources says otherwise.
         machine = NodeMachine(table, report, trio.current_time(), grace=grace, resources=resources)
-        fm = config.fabric_manager
-        controller = PartitionController(
-            machine,
-            fabric,
-            node.gpus,
-            resource_prefix=prefix,
-            dev_root=Path(config.vfio.dev_root),
-            metrics=Metrics(),
-            unit=allocation_unit(config.plugin.allocation_unit),
-            call_deadline=call_deadline(fm.timeout_seconds, fm.retries),
-        )
-        for module, reason in node.unmapped.items():
-            log.error("GPU module %d: %s", module, reason)
-            controller.set_gpu_fault(module, reason)
+        controller = build_controller(config, machine, fabric, node)
         log.info(
             "Fabric Manager (%s) reports %d partitions; serving %s",
             fabric.name,
@@ -366,7 +353,9 @@ async def run_daemon(
             create_app(controller, config, rest_rate=config.api.requests_per_second or None),
             api_config(config.api),
         )
-        await nursery.start(supervise_fabric, controller, fm.reconcile_interval_seconds)
+        await nursery.start(
+            supervise_fabric, controller, config.fabric_manager.reconcile_interval_seconds
+        )
         await nursery.start(
             watch_gpu_health, controller, config, config.vfio.health_interval_seconds
         )
@@ -376,6 +365,28 @@ async def run_daemon(
         for resource in controller.layout.resources:
             await nursery.start(serve_resource, controller, resource, plugin_dir)
         task_status.started(controller)
+
+
+def build_controller(
+    config: Config, machine: NodeMachine, fabric: FabricManagerClient, node: Node
+) -> PartitionController:
+    """The controller over ``machine``, configured by ``config``; GPUs without a usable
+    PCI function are recorded as faults at once (their partitions leave the pool)."""
+    fm = config.fabric_manager
+    controller = PartitionController(
+        machine,
+        fabric,
+        node.gpus,
+        resource_prefix=config.plugin.resource_prefix,
+        dev_root=Path(config.vfio.dev_root),
+        metrics=Metrics(),
+        unit=allocation_unit(config.plugin.allocation_unit),
+        call_deadline=call_deadline(fm.timeout_seconds, fm.retries),
+    )
+    for module, reason in node.unmapped.items():
+        log.error("GPU module %d: %s", module, reason)
+        controller.set_gpu_fault(module, reason)
+    return controller
 
 
 def call_deadline(timeout: float, retries: int) -> float:
@@ -507,20 +518,7 @@ async def run_dra_daemon(
                 f"checkpoint {checkpoint.path} names a partition Fabric Manager does not "
                 f"report ({exc}); is this the node that wrote it?"
             ) from None
-        fm = config.fabric_manager
-        controller = PartitionController(
-            machine,
-            fabric,
-            node.gpus,
-            resource_prefix=config.plugin.resource_prefix,
-            dev_root=Path(config.vfio.dev_root),
-            metrics=Metrics(),
-            unit=allocation_unit(config.plugin.allocation_unit),
-            call_deadline=call_deadline(fm.timeout_seconds, fm.retries),
-        )
-        for module, reason in node.unmapped.items():
-            log.error("GPU module %d: %s", module, reason)
-            controller.set_gpu_fault(module, reason)
+        controller = build_controller(config, machine, fabric, node)
         log.info(
             "Fabric Manager (%s) reports %d partitions; DRA driver %s on node %s, "
             "%d prepared claims in the checkpoint",
@@ -548,7 +546,9 @@ async def run_dra_daemon(
             ),
             api_config(config.api),
         )
-        await nursery.start(supervise_fabric, controller, fm.reconcile_interval_seconds)
+        await nursery.start(
+            supervise_fabric, controller, config.fabric_manager.reconcile_interval_seconds
+        )
         await nursery.start(
             watch_gpu_health, controller, config, config.vfio.health_interval_seconds
         )
