@@ -12,15 +12,13 @@ resourceClaimTemplateName}``) by hand.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
+from test_deployments import Doc, render
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deployments" / "containers"
@@ -38,21 +36,6 @@ GPU_ATTRIBUTES = {"kind", "moduleID", "platform", "numaNode"} | {
 }
 SIZES = (1, 2, 4, 8, 16)
 CLASSES = {f"partition-{n}x.{DRIVER}" for n in SIZES} | {f"gpu.{DRIVER}"}
-
-Doc = dict[str, Any]
-
-
-def render(directory: Path) -> list[Doc]:
-    # kubectl renders kustomize offline; a machine without it fails here, never skips.
-    assert shutil.which("kubectl"), "kubectl is needed to render the kustomizations"
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(directory)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
 
 
 def validate(docs: list[Doc], crd_kinds: frozenset[str] = frozenset()) -> None:

@@ -1082,14 +1082,6 @@ class NodeMachine:
             )
 
 
-def held_by(machine: NodeMachine) -> Mapping[int, str]:
-    """Partition -> ``pod`` or ``claim:<uid>`` (status and tests)."""
-    return {
-        pid: hold.kind if hold.claim_uid is None else f"claim:{hold.claim_uid}"
-        for pid, hold in machine._holds.items()
-    }
-
-
 __all__ = [
     "Activate",
     "Deactivate",
@@ -1109,6 +1101,5 @@ __all__ = [
     "Unknown",
     "UnknownOperation",
     "UnknownRequest",
-    "held_by",
     "resume_list_at_start",
 ]
