@@ -953,9 +953,14 @@ class NodeMachine:
         hold = self._forced.pop(pid, None)
         if hold is None or pid in self._holds:
             return
+        if hold.claim_uid is not None and hold.claim_uid in self._claims:
+            # The claim has taken another partition since: whoever may still use this
+            # one is unknown, so it is held as a pod's that may exist (N6) and released
+            # by the usual rule rather than kept for good.
+            hold = _Hold("pod", clock_from=self._now)
         self.book.mark_held(pid)
         self._holds[pid] = hold
-        if hold.claim_uid is not None and hold.claim_uid not in self._claims:
+        if hold.claim_uid is not None:
             self._claims[hold.claim_uid] = pid
 
     def _settled(self, pid: int, *, active: bool) -> bool:
