@@ -36,7 +36,11 @@ from typing import Any, Literal
 import yaml
 
 from nvswitch_dp.fabric.platforms import platform_names
-from nvswitch_dp.vfio.pci_ids import default_gpu_device_ids, normalize_device_key
+from nvswitch_dp.vfio.pci_ids import (
+    default_gpu_device_ids,
+    normalize_device_key,
+    normalize_pci_address,
+)
 
 CONFIG_VERSION = "v1"
 ENV_CONFIG_PATH = "HGX_H200_CONFIG_PATH"
@@ -363,24 +367,6 @@ def _platform(value: Any) -> str:
     if text not in platform_names():
         raise _Invalid(f"must be one of {', '.join(platform_names())}, got {_show(value)}")
     return text
-
-
-_PCI_ADDRESS = re.compile(
-    r"^(?:0{4})?([0-9a-f]{4}):([0-9a-f]{2}):([01][0-9a-f])\.([0-7])$", re.IGNORECASE
-)
-
-
-def normalize_pci_address(text: str) -> str:
-    """``"00000000:5D:00.0"`` (nvidia-smi's form) -> ``"0000:5d:00.0"`` (sysfs's form).
-
-    Errors: ``ValueError`` unless ``text`` is ``dddd:bb:dd.f`` (hex, device <= 1f,
-    function <= 7), optionally with nvidia-smi's 8-digit domain.
-    """
-    match = _PCI_ADDRESS.match(text.strip())
-    if match is None:
-        raise ValueError(f"{text!r} is not a PCI address like '0000:5d:00.0'")
-    domain, bus, device, function = (g.lower() for g in match.groups())
-    return f"{domain}:{bus}:{device}.{function}"
 
 
 # ---------------------------------------------------------------------------- parsing

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nvswitch_dp.fabric.types import FmReport
@@ -63,6 +64,29 @@ class PodResourcesClient(Protocol):
     """
 
     async def list_assigned(self) -> Sequence[PodDevices]: ...
+
+
+class PciKernel(Protocol):
+    """The kernel's driver-binding interface: sysfs attribute writes and module loading.
+
+    Production: :class:`nvswitch_dp.vfio.binding.SysfsKernel` (the write goes to the real
+    sysfs file and the kernel acts on it; modules through ``modprobe``). Simulation:
+    :class:`nvswitch_dp.vfio.simulate.SimulatedKernel`, which applies the kernel's rules to
+    a simulated tree. Callers read the result back from sysfs; neither returns anything.
+
+    Errors: ``OSError`` with the kernel's errno (``ENODEV`` for an unbind from a driver
+    the device is not bound to, ``EBUSY``, ``EINVAL``, ``ENOENT`` for a missing
+    attribute); :meth:`load_module` raises ``OSError`` when the module cannot be loaded,
+    its message naming the module and the cause.
+    """
+
+    def write_attribute(self, path: Path, value: str) -> None:
+        """Write ``value`` to the sysfs attribute ``path`` in one write, as ``tee`` does."""
+        ...
+
+    def load_module(self, name: str) -> None:
+        """Load kernel module ``name`` (and what it depends on); loaded already: nothing."""
+        ...
 
 
 # -- DRA mode ------------------------------------------------------------------------------

@@ -81,3 +81,21 @@ def parse_pci_id(text: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{1,4}", value):
         raise ValueError(f"{text!r} is not a 16-bit hex PCI ID")
     return value.rjust(4, "0")
+
+
+_PCI_ADDRESS = re.compile(
+    r"^(?:0{4})?([0-9a-f]{4}):([0-9a-f]{2}):([01][0-9a-f])\.([0-7])$", re.IGNORECASE
+)
+
+
+def normalize_pci_address(text: str) -> str:
+    """``"00000000:5D:00.0"`` (nvidia-smi's form) -> ``"0000:5d:00.0"`` (sysfs's form).
+
+    Errors: ``ValueError`` unless ``text`` is ``dddd:bb:dd.f`` (hex, device <= 1f,
+    function <= 7), optionally with nvidia-smi's 8-digit domain.
+    """
+    match = _PCI_ADDRESS.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a PCI address like '0000:5d:00.0'")
+    domain, bus, device, function = (g.lower() for g in match.groups())
+    return f"{domain}:{bus}:{device}.{function}"
