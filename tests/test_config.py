@@ -16,12 +16,11 @@ from nvswitch_dp.config import (
     ConfigError,
     config_to_dict,
     load_config,
-    normalize_pci_address,
     parse_config,
     with_overrides,
 )
 from nvswitch_dp.partitions.units import UNIT_NAMES, allocation_unit
-from nvswitch_dp.vfio.pci_ids import GPU_DEVICE_IDS
+from nvswitch_dp.vfio.pci_ids import GPU_DEVICE_IDS, normalize_pci_address
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "config-example.yaml"
 

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from nvswitch_dp.controller import ContainerGrant
-from nvswitch_dp.dra.files import TEMP_SUFFIX, fsync_directory, write_atomically
 from nvswitch_dp.dra.uid import is_claim_uid, validate_claim_uid
+from nvswitch_dp.files import TEMP_SUFFIX, fsync_directory, write_atomically
 
 VENDOR = "nvswitch-dp.io"
 DEVICE_CLASS = "partition"

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvswitch_dp.dra.files import TEMP_SUFFIX, write_atomically
 from nvswitch_dp.dra.uid import InvalidClaimUid, validate_claim_uid
+from nvswitch_dp.files import TEMP_SUFFIX, write_atomically
 
 CHECKPOINT_VERSION = 1
 DEFAULT_FILE_NAME = "dra-checkpoint.json"

@@ -39,8 +39,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from nvswitch_dp.dra.cdi import CdiMount
-from nvswitch_dp.dra.files import TEMP_SUFFIX, write_atomically
 from nvswitch_dp.dra.uid import validate_claim_uid
+from nvswitch_dp.files import TEMP_SUFFIX, write_atomically
 
 CONTAINER_DIR = PurePosixPath("/var/run/kubernetes.io/dra-device-attributes")
 RESOURCE_CLAIMS = "resourceclaims"

@@ -1,4 +1,5 @@
-"""Durable file writes for the node's DRA state (CDI specs, device metadata, checkpoint).
+"""Durable file writes for the node's state: DRA CDI specs, device metadata and
+checkpoint, and the node inventory.
 
 One way to write a file that a reader (a container runtime, virt-launcher, the daemon
 restarted after a SIGKILL or a power loss) sees either whole or not at all: a temporary
