@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +95,14 @@ class Pacer:
             self._next = slot + self.interval
 
 
-def node_facts(config: Config | None) -> NodeFacts:
-    """What the app reports about the node besides the controller, from ``config``."""
+def node_facts(config: Config | None, addresses: Iterable[str] = ()) -> NodeFacts:
+    """What the app reports about the node besides the controller, from ``config`` and
+    the PCI ``addresses`` of the GPUs served (the first known model names the node's)."""
     if config is None:
         return NodeFacts()
     sysfs = Path(config.vfio.sysfs_root)
     model = None
-    for address in config.module_map.values():
+    for address in addresses:
         function = read_function(sysfs, address)
         if function is not None and function.vendor_id and function.device_id:
             model = config.vfio.gpu_device_ids.get(f"{function.vendor_id}:{function.device_id}")
@@ -216,7 +217,7 @@ def create_app(
     through the same wrapper.
     """
     api = config.api if config is not None else ApiConfig()
-    facts = node_facts(config)
+    facts = node_facts(config, (s.pci_address for s in controller.layout.gpus.values()))
     auth = Authorizer(TokenSource(api.token_file), open_reads=api.open_reads)
     app = QuartTrio("nvswitch_dp")
     app.config["MAX_CONTENT_LENGTH"] = max_body

@@ -8,6 +8,7 @@
                     [--cdi-dir DIR]
     nvswitch-dp demo [--mode device-plugin|dra] [--platform NAME] [--api-listen HOST:PORT]
     nvswitch-dp doctor ...
+    nvswitch-dp prepare-node ...     read module IDs into the node inventory, bind to vfio-pci
     nvswitch-dp status [--api URL] [--token-file FILE]
 
 Precedence for ``run``: built-in defaults < config file (``--config`` or
@@ -155,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
         "doctor", help="preflight checks of the node (IOMMU, vfio, GPUs, FM)", add_help=False
     )
     sub.add_parser("status", help="the node's fabric map: GPUs against partitions", add_help=False)
+    sub.add_parser(
+        "prepare-node",
+        help="read the GPUs' module IDs into the node inventory; bind them to vfio-pci",
+        add_help=False,
+    )
     demo = sub.add_parser("demo", help="the end-to-end walk-through on a simulated node")
     demo.add_argument("--platform", default="hgx-h200", choices=platform_names())
     demo.add_argument("--api-listen", default="127.0.0.1:9090", metavar="HOST:PORT")
@@ -178,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         from nvswitch_dp.doctor import doctor_main
 
         return doctor_main(argv[1:])
+    if argv[:1] == ["prepare-node"]:
+        from nvswitch_dp.prepare_node import prepare_main
+
+        return prepare_main(argv[1:])
     if argv[:1] == ["status"]:
         from nvswitch_dp.status import status_main
 

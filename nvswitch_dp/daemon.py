@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -74,12 +74,20 @@ from nvswitch_dp.plugin.lifecycle import serve_resource
 from nvswitch_dp.plugin.pod_resources import GrpcPodResourcesClient, watch_pod_resources
 from nvswitch_dp.ports import FabricManagerClient, PodResourcesClient
 from nvswitch_dp.vfio.discovery import (
+    PciGpu,
     build_inventory,
     discover_gpus,
     read_function,
     vfio_problem,
 )
 from nvswitch_dp.vfio.inotify import DirectoryWatch
+from nvswitch_dp.vfio.inventory import (
+    INVENTORY_FILE,
+    InventoryFileError,
+    ModuleResolution,
+    load_inventory,
+    resolve_module_map,
+)
 
 if TYPE_CHECKING:
     from nvswitch_dp.dra.kubelet import RegistrationState
@@ -191,13 +199,44 @@ async def partitions_held(pods: PodResourcesClient, resource_prefix: str) -> set
     return held
 
 
+def node_module_map(config: Config, found: Sequence[PciGpu]) -> ModuleResolution:
+    """The module map to serve with: ``module_map`` from the configuration when set,
+    else the node inventory ``prepare-node`` wrote, checked against ``found``
+    (:func:`~nvswitch_dp.vfio.inventory.resolve_module_map` says what is refused).
+
+    Errors: :class:`StartError` when the configuration sets no ``module_map`` and the
+    inventory exists but cannot be read (the daemon would otherwise serve a node whose
+    GPUs it cannot name). With a ``module_map``, a damaged inventory is logged and the
+    configuration is used unchecked.
+    """
+    path = Path(config.state_dir) / INVENTORY_FILE
+    try:
+        inventory = load_inventory(path)
+    except (InventoryFileError, OSError) as exc:
+        if not config.module_map:
+            raise StartError(str(exc)) from None
+        log.error("%s; using module_map from the configuration unchecked", exc)
+        inventory = None
+    present = {g.address: g.key for g in found}
+    resolution = resolve_module_map(config.module_map, inventory, present)
+    if resolution.source == "inventory":
+        log.info("module map from the node inventory %s: %s", path, resolution.module_map)
+    for problem in resolution.problems:
+        log.error("%s", problem)
+    return resolution
+
+
 def discover_node(config: Config, report: FmReport) -> Node:
-    """Join FM's module IDs with the PCI functions found in sysfs (synchronous I/O)."""
+    """Join FM's module IDs with the PCI functions found in sysfs (synchronous I/O).
+
+    Errors: :class:`StartError` from :func:`node_module_map`.
+    """
     sysfs, dev = Path(config.vfio.sysfs_root), Path(config.vfio.dev_root)
     found = discover_gpus(sysfs, dev, config.vfio.gpu_device_ids)
+    resolution = node_module_map(config, found)
     # Lenient: a GPU that fell off the bus must not take its healthy neighbours down;
     # its partitions turn Unhealthy instead.
-    inventory = build_inventory(config.module_map, found, strict=False)
+    inventory = build_inventory(resolution.module_map, found, strict=False)
     for warning in inventory.warnings:
         log.warning("%s", warning)
     gpus: dict[int, GpuSlot] = {}
@@ -205,15 +244,27 @@ def discover_node(config: Config, report: FmReport) -> Node:
     modules = sorted({g.physical_id for p in report.partitions for g in p.gpus})
     for module in modules:
         gpu = inventory.gpus.get(module)
-        if module in inventory.missing:
+        if module in resolution.refused:
+            unmapped[module] = resolution.refused[module]
+        elif module in inventory.missing:
             unmapped[module] = inventory.missing[module]
         elif gpu is None:
-            unmapped[module] = f"module {module} has no PCI address in module_map"
+            unmapped[module] = (
+                f"module {module} has no PCI address: {_NO_ADDRESS[resolution.source]}"
+            )
         elif gpu.iommu_group is None:
             unmapped[module] = f"GPU {gpu.address} has no IOMMU group (is the IOMMU on?)"
         else:
             gpus[module] = GpuSlot(module, gpu.address, gpu.iommu_group, gpu.numa_node)
     return Node(gpus, unmapped)
+
+
+_NO_ADDRESS = {
+    "config": "not in module_map",
+    "inventory": "not in the node inventory (run `nvswitch-dp prepare-node`)",
+    "none": "no module_map in the configuration and no node inventory (run "
+    "`nvswitch-dp prepare-node` with the GPUs on the nvidia driver)",
+}
 
 
 async def watch_signals(
@@ -403,10 +454,22 @@ def main_run(config: Config) -> int:
     except* ShutdownError:
         pass
     except* StartError as group:
-        failed = [e for e in group.exceptions if isinstance(e, StartError)]
+        failed = list(_leaves(group, StartError))
     for error in failed:
         log.error("cannot start: %s", error)
     return 1 if failed else 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException], kind: type[StartError]) -> list[StartError]:
+    """Every ``kind`` in ``group``, however deep: a refusal raised inside the nursery
+    arrives wrapped once per nursery (and once more by trio-asyncio's loop)."""
+    found: list[StartError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found += _leaves(exc, kind)
+        elif isinstance(exc, kind):
+            found.append(exc)
+    return found
 
 
 # -- DRA mode ---------------------------------------------------------------------------

@@ -40,6 +40,13 @@ from nvswitch_dp.vfio.discovery import (
     member_blocks_viability,
     read_vfio_snapshot,
 )
+from nvswitch_dp.vfio.inventory import (
+    INVENTORY_FILE,
+    InventoryFileError,
+    NodeInventory,
+    load_inventory,
+    resolve_module_map,
+)
 
 DEFAULT_FM_CONFIG = Path("/usr/share/nvidia/nvswitch/fabricmanager.cfg")
 DEFAULT_CONFIG = Path("/etc/nvswitch-dp/config.yaml")
@@ -121,6 +128,8 @@ class NodeFacts:
     gpus: tuple[GpuFacts, ...] = ()
     module_map: Mapping[int, str] = field(default_factory=dict)
     fm: FmAnswer = field(default_factory=FmAnswer)
+    inventory: NodeInventory | None = None  # prepare-node's record; None: no file
+    inventory_problem: str | None = None  # the file exists but cannot be read
 
 
 # ---------------------------------------------------------------------------- readers
@@ -214,9 +223,19 @@ def read_facts(
     gpu_device_ids: Mapping[str, str],
     module_map: Mapping[int, str],
     fm: FmAnswer | None = None,
+    inventory_path: Path | None = None,
 ) -> NodeFacts:
-    """Read the node under ``roots`` (synchronous file I/O only)."""
+    """Read the node under ``roots`` and the node inventory at ``inventory_path`` (when
+    given) (synchronous file I/O only)."""
+    inventory, inventory_problem = None, None
+    if inventory_path is not None:
+        try:
+            inventory = load_inventory(inventory_path)
+        except (InventoryFileError, OSError) as exc:
+            inventory_problem = str(exc)
     return NodeFacts(
+        inventory=inventory,
+        inventory_problem=inventory_problem,
         cmdline=read_cmdline(roots.proc),
         loaded_modules=read_loaded_modules(roots.proc),
         builtin_modules=read_builtin_modules(roots.sysfs),
@@ -290,18 +309,23 @@ def gpu_problem(gpu: GpuFacts) -> str | None:
 
 
 def _bind_fix(ids: Sequence[str], addresses: Sequence[str]) -> str:
-    vendor_device = " ".join(ids[0].split(":")) if ids else "10de 2335"
-    per_device = "; ".join(
-        f"`echo vfio-pci | sudo tee /sys/bus/pci/devices/{a}/driver_override && "
-        f"echo {a} | sudo tee /sys/bus/pci/devices/{a}/driver/unbind && "
-        f"echo {a} | sudo tee /sys/bus/pci/drivers_probe`"
-        for a in addresses
-    )
+    """How to move ``addresses`` (GPUs of the models ``ids``, as found) to vfio-pci."""
+    first = addresses[0] if addresses else "<address>"
     return (
-        f"bind the GPUs to vfio-pci: {per_device}; or for every GPU of this model "
-        f'`echo "{vendor_device}" | sudo tee /sys/bus/pci/drivers/vfio-pci/new_id`; at boot: '
-        f'"vfio-pci.ids={",".join(ids)}" on the kernel command line (H200 SXM is 10de:2335)'
+        "`nvswitch-dp prepare-node --bind-vfio` (it records the module IDs first, binds "
+        "each GPU and the rest of its IOMMU group, and refuses a GPU still in use; "
+        "`--dry-run` shows every write); by hand, per GPU, with the module map read "
+        f"first: `echo vfio-pci | sudo tee /sys/bus/pci/devices/{first}/driver_override; "
+        f"echo {first} | sudo tee /sys/bus/pci/devices/{first}/driver/unbind; "
+        f"echo {first} | sudo tee /sys/bus/pci/drivers_probe`; at every boot: "
+        f'"vfio-pci.ids={",".join(ids)}" on the kernel command line, with the nvidia '
+        "driver kept from claiming them first (`softdep nvidia pre: vfio-pci`)"
     )
+
+
+def _found_ids(facts: NodeFacts) -> list[str]:
+    """The ``vendor:device`` IDs of the GPUs found (never the configuration's whole list)."""
+    return sorted({g.gpu.key for g in facts.gpus})
 
 
 def check_gpus_vfio(facts: NodeFacts) -> CheckResult:
@@ -324,10 +348,20 @@ def check_gpus_vfio(facts: NodeFacts) -> CheckResult:
             f"{len(facts.gpus)} GPU(s) on vfio-pci, IOMMU groups "
             f"{', '.join(map(str, groups))} viable",
         )
+    if facts.iommu_groups == 0:
+        # Binding cannot help before the IOMMU is on: the iommu check says how, once.
+        return CheckResult(
+            "gpus-vfio",
+            Status.FAIL,
+            f"{len(facts.gpus)} GPU(s) ({', '.join(_found_ids(facts))}) cannot be passed "
+            "to a VM: the node has no IOMMU groups",
+            "turn the IOMMU on first (see the iommu check), then "
+            "`nvswitch-dp prepare-node --bind-vfio`",
+        )
     unbound = [g.address for g, _ in problems if g.vfio.present and g.vfio.driver != VFIO_DRIVER]
     fixes = []
     if unbound:
-        fixes.append(_bind_fix(ids, unbound))
+        fixes.append(_bind_fix(_found_ids(facts), unbound))
     if any(_blocks_group(g) for g, _ in problems):
         fixes.append(
             "bind every other function in the GPU's IOMMU group to vfio-pci too "
@@ -442,31 +476,53 @@ def check_fm_reachable(facts: NodeFacts) -> CheckResult:
 
 
 FIX_MODULE_MAP = (
-    "while the GPUs are still on the nvidia driver, read each GPU's bus ID and module ID "
-    "with `nvidia-smi -q | grep -E '^GPU |Module ID'` and set module_map "
-    '(`<module ID>: "0000:<bus>:00.0"`) in the config'
+    "with the GPUs still on the nvidia driver, run `nvswitch-dp prepare-node` (it records "
+    "every GPU's module ID in <state-dir>/node-inventory.json, which the daemon reads when "
+    "module_map is not set; `--print-module-map` prints a module_map: block instead); by "
+    "hand: `nvidia-smi -q | grep -iE '^GPU |module id'` (driver 580 prints 'Module Id', "
+    "older ones 'Module ID') and set module_map to `<module ID>: \"0000:<bus>:00.0\"` "
+    "(nvidia-smi's 8-digit domain 00000000 becomes 0000)"
 )
 
 
+def effective_module_map(facts: NodeFacts) -> tuple[dict[int, str], str]:
+    """The module map the daemon would use and where it comes from: the configuration's
+    ``module_map``, else the node inventory, else nothing."""
+    if facts.module_map:
+        return dict(facts.module_map), "module_map"
+    if facts.inventory is not None and facts.inventory.gpus:
+        return facts.inventory.module_map(), "node inventory"
+    return {}, "nothing"
+
+
 def check_module_map(facts: NodeFacts) -> CheckResult:
-    """Every module FM reports maps to a PCI address that is a discovered GPU, one to one."""
+    """Every module FM reports maps to a PCI address that is a discovered GPU, one to one,
+    through ``module_map`` or the node inventory, and the two do not contradict each
+    other or the node."""
     gpu_addresses = {g.address for g in facts.gpus}
+    module_map, source = effective_module_map(facts)
     problems: list[str] = []
     reported: set[int] = set()
-    if not facts.module_map:
-        problems.append("module_map is empty")
+    if facts.inventory_problem is not None and not facts.module_map:
+        problems.append(facts.inventory_problem)
+    elif not module_map:
+        problems.append("no module_map in the configuration and no node inventory")
+    present = {g.address: g.gpu.key for g in facts.gpus}
+    problems += resolve_module_map(facts.module_map, facts.inventory, present).problems
     if facts.fm.report is not None:
         reported = {g.physical_id for p in facts.fm.report.partitions for g in p.gpus}
-        missing = sorted(reported - set(facts.module_map))
-        if missing:
-            problems.append(f"modules {', '.join(map(str, missing))} have no module_map entry")
+        missing = sorted(reported - set(module_map))
+        if missing and module_map:
+            problems.append(
+                f"modules {', '.join(map(str, missing))} have no address in the {source}"
+            )
     not_gpus = sorted(
-        f"{m} -> {a}" for m, a in facts.module_map.items() if a.lower() not in gpu_addresses
+        f"{m} -> {a}" for m, a in module_map.items() if a.lower() not in gpu_addresses
     )
     if not_gpus:
         problems.append(f"not a discovered GPU: {', '.join(not_gpus)}")
     by_address: dict[str, list[int]] = {}
-    for module, address in facts.module_map.items():
+    for module, address in module_map.items():
         by_address.setdefault(address.lower(), []).append(module)
     shared = [
         f"{a} ({', '.join(map(str, sorted(ms)))})" for a, ms in by_address.items() if len(ms) > 1
@@ -479,23 +535,24 @@ def check_module_map(facts: NodeFacts) -> CheckResult:
         return CheckResult(
             "module-map",
             Status.WARN,
-            f"{len(facts.module_map)} entries, all discovered GPUs; not compared with FM's "
-            "modules (Fabric Manager not reached)",
+            f"{len(module_map)} entries ({source}), all discovered GPUs; not compared with "
+            "FM's modules (Fabric Manager not reached)",
             FIX_FM_REACHABLE,
         )
-    extra = sorted(set(facts.module_map) - reported)
+    extra = sorted(set(module_map) - reported)
     if extra:
         return CheckResult(
             "module-map",
             Status.WARN,
-            f"modules {', '.join(map(str, extra))} are mapped but FM reports no such module",
+            f"modules {', '.join(map(str, extra))} are mapped ({source}) but FM reports no "
+            "such module",
             "remove them from module_map, or check that FM sees every GPU "
             "(`fmpm -l`, NVLink or GPU failures at FM start)",
         )
     return CheckResult(
         "module-map",
         Status.PASS,
-        f"all {len(reported)} modules FM reports map to discovered GPUs",
+        f"all {len(reported)} modules FM reports map to discovered GPUs ({source})",
     )
 
 
@@ -569,6 +626,7 @@ def run_checks(
     module_map: Mapping[int, str],
     list_partitions: ListPartitions | None = None,
     fm: FmAnswer | None = None,
+    inventory_path: Path | None = None,
 ) -> list[CheckResult]:
     """Read the node under ``roots``, ask FM once (if a lister is given), run every check.
 
@@ -577,7 +635,13 @@ def run_checks(
     """
     if fm is None and list_partitions is not None:
         fm = ask_fabric_manager(list_partitions)
-    facts = read_facts(roots, gpu_device_ids=gpu_device_ids, module_map=module_map, fm=fm)
+    facts = read_facts(
+        roots,
+        gpu_device_ids=gpu_device_ids,
+        module_map=module_map,
+        fm=fm,
+        inventory_path=inventory_path,
+    )
     return evaluate(facts)
 
 
@@ -618,6 +682,11 @@ def doctor_parser() -> argparse.ArgumentParser:
     p.add_argument("--proc-root", metavar="DIR", default="/proc", help="default: /proc")
     p.add_argument("--sysfs-root", metavar="DIR", help="default: vfio.sysfs_root from the config")
     p.add_argument("--dev-root", metavar="DIR", help="default: vfio.dev_root from the config")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the node inventory is (default: state_dir from the config)",
+    )
     p.add_argument(
         "--fm-config", metavar="FILE", default=str(DEFAULT_FM_CONFIG), help="fabricmanager.cfg"
     )
@@ -682,6 +751,7 @@ def doctor_main(
         return 2
 
     lister_error: str | None = None
+    inventory_path: Path | None = None
     with tempfile.TemporaryDirectory(prefix="nvswitch-dp-doctor-") as tmp:
         if args.simulate:
             from nvswitch_dp.fabric.platforms import platform_names
@@ -709,6 +779,7 @@ def doctor_main(
             )
             module_map = dict(config.module_map)
             gpu_ids = dict(config.vfio.gpu_device_ids)
+            inventory_path = Path(args.state_dir or config.state_dir) / INVENTORY_FILE
             if list_partitions is None and not args.no_fm:
                 try:
                     list_partitions = _fm_lister(config)
@@ -722,6 +793,12 @@ def doctor_main(
             fm = ask_fabric_manager(list_partitions, timeout=timeout)
         elif lister_error is not None:
             fm = FmAnswer(error=lister_error)
-        results = run_checks(roots, gpu_device_ids=gpu_ids, module_map=module_map, fm=fm)
+        results = run_checks(
+            roots,
+            gpu_device_ids=gpu_ids,
+            module_map=module_map,
+            fm=fm,
+            inventory_path=inventory_path,
+        )
     sys.stdout.write(format_report(results))
     return exit_code(results)

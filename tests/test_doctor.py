@@ -208,7 +208,7 @@ FAILURES: list[tuple[str, Callable[[Path], FakeNode], dict[str, object], Status,
         {},
         Status.FAIL,
         f"{FIRST_GPU}: bound to nvidia, not vfio-pci",
-        "/sys/bus/pci/drivers/vfio-pci/new_id",
+        "nvswitch-dp prepare-node --bind-vfio",
     ),
     (
         "group-not-viable",
@@ -279,8 +279,8 @@ FAILURES: list[tuple[str, Callable[[Path], FakeNode], dict[str, object], Status,
         FakeNode,
         {"module_map": {m: a for m, a in MODULE_MAP.items() if m != 8}},
         Status.FAIL,
-        "modules 8 have no module_map entry",
-        "nvidia-smi -q",
+        "modules 8 have no address in the module_map",
+        "nvswitch-dp prepare-node",
     ),
     (
         "module-map-wrong-address",
@@ -298,8 +298,8 @@ FAILURES.append(
         FakeNode,
         {"module_map": {}},
         Status.FAIL,
-        "module_map is empty",
-        "nvidia-smi",
+        "no module_map in the configuration and no node inventory",
+        "nvidia-smi -q | grep -iE '^GPU |module id'",
     )
 )
 
@@ -411,7 +411,7 @@ def test_module_map_entries_fm_does_not_report_warn() -> None:
     )
     result = doctor.check_module_map(facts)
     assert result.status is Status.WARN
-    assert "modules 9 are mapped but FM reports no such module" in result.detail
+    assert "modules 9 are mapped (module_map) but FM reports no such module" in result.detail
     assert "remove them from module_map" in result.fix
 
 

@@ -1,0 +1,465 @@
+"""``nvswitch-dp prepare-node``: read the module IDs, remember them, move the GPUs to vfio-pci.
+
+The one-shot step a node runs before the daemon (the DaemonSet's init container, or a
+systemd oneshot on the host)::
+
+    nvswitch-dp prepare-node [--config FILE] [--state-dir DIR] [--sysfs-root DIR]
+        [--dev-root DIR] [--proc-root DIR] [--driver-root DIR] [--nvml-library PATH]
+        [--nvidia-smi PATH] [--print-module-map | --bind-vfio] [--dry-run]
+
+1. **Discover.** Every configured GPU (``vfio.gpu_device_ids``) bound to the ``nvidia``
+   driver is asked for its module ID, PCI bus ID, UUID and serial: through NVML first
+   (:mod:`nvswitch_dp.vfio.nvml`), else by parsing ``nvidia-smi -q``
+   (:mod:`nvswitch_dp.vfio.identity`). A GPU without a module ID, or two with one, stop
+   the command naming them.
+2. **Remember.** What was discovered is merged into ``<state-dir>/node-inventory.json``
+   (:mod:`nvswitch_dp.vfio.inventory`), written only when it changed. GPUs already on
+   vfio-pci keep the entry they had.
+3. **Bind** (``--bind-vfio``): every configured GPU, and every function of its IOMMU
+   group that must move too, goes to vfio-pci through ``driver_override``, ``unbind``
+   and ``drivers_probe`` (:mod:`nvswitch_dp.vfio.binding`), after the vfio modules are
+   loaded; never a GPU a process still holds open (``<proc>/<pid>/fd``), never an
+   NVSwitch. Then each GPU's VFIO state is checked as the daemon checks it.
+
+``--print-module-map`` prints a ``module_map:`` block for the configuration and
+changes nothing; ``--dry-run`` prints every write it would make and changes nothing. A
+second run changes nothing and says so. On a simulated node (a sysfs root built by
+:mod:`nvswitch_dp.vfio.simulate`, which says so in its marker file) the writes go to
+the simulated kernel; everywhere else to the real sysfs.
+
+Exit status, as ``doctor``: 0 when everything asked for was done (warnings allowed); 1
+when something could not be done (discovery failed for a GPU on nvidia, a GPU was
+refused, a write failed, a GPU is unusable afterwards); 2 for bad arguments or
+configuration. Inconsistencies the daemon itself refuses GPU by GPU (a configured
+``module_map`` contradicting the inventory, a GPU on vfio-pci the inventory does not
+know) are warnings: the node still serves its other GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nvswitch_dp.config import Config, ConfigError, load_config
+from nvswitch_dp.ports import PciKernel
+from nvswitch_dp.vfio.binding import (
+    BindPlan,
+    SysfsKernel,
+    execute_plan,
+    find_open_holders,
+    missing_vfio_modules,
+    plan_binding,
+    read_device_minor,
+    read_group_states,
+)
+from nvswitch_dp.vfio.discovery import VFIO_DRIVER, PciGpu, discover_gpus, vfio_problem
+from nvswitch_dp.vfio.identity import (
+    MAX_SMI_OUTPUT_BYTES,
+    GpuIdentity,
+    IdentityError,
+    check_identities,
+    parse_nvidia_smi_q,
+)
+from nvswitch_dp.vfio.inventory import (
+    INVENTORY_FILE,
+    InventoryConflict,
+    InventoryFileError,
+    NodeInventory,
+    load_inventory,
+    merge_discovered,
+    resolve_module_map,
+    save_inventory,
+)
+
+DEFAULT_CONFIG = Path("/etc/nvswitch-dp/config.yaml")
+NVIDIA_DRIVER = "nvidia"
+NVIDIA_SMI_TIMEOUT_S = 120.0
+# Where a driver root (a host's /, or the GPU Operator's /run/nvidia/driver) keeps NVML
+# and nvidia-smi, in the order NVIDIA's own container tooling searches them.
+_LIBRARY_DIRS = (
+    "usr/lib64",
+    "usr/lib/x86_64-linux-gnu",
+    "usr/lib/aarch64-linux-gnu",
+    "lib64",
+    "usr/lib",
+    "lib",
+)
+_BIN_DIRS = ("usr/bin", "bin", "usr/sbin")
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+
+
+class DiscoveryError(Exception):
+    """Module IDs could not be read for GPUs on the nvidia driver; says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tools:
+    """Where NVML and nvidia-smi are. ``nvml_library`` ``None``: the loader's search."""
+
+    nvml_library: Path | None = None
+    nvidia_smi: str = "nvidia-smi"
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for nvidia-smi
+
+
+def find_tools(driver_root: Path | None, nvml_library: str | None, nvidia_smi: str | None) -> Tools:
+    """The NVML library and nvidia-smi to use: the flags, else found under
+    ``driver_root``, else the system's own (``libnvidia-ml.so.1`` through the loader,
+    ``nvidia-smi`` on PATH)."""
+    library = Path(nvml_library) if nvml_library else None
+    program = nvidia_smi
+    if driver_root is not None:
+        if library is None:
+            library = next(
+                (
+                    driver_root / d / "libnvidia-ml.so.1"
+                    for d in _LIBRARY_DIRS
+                    if (driver_root / d / "libnvidia-ml.so.1").exists()
+                ),
+                None,
+            )
+        if program is None:
+            program = next(
+                (
+                    str(driver_root / d / "nvidia-smi")
+                    for d in _BIN_DIRS
+                    if (driver_root / d / "nvidia-smi").exists()
+                ),
+                None,
+            )
+    env = {"LD_LIBRARY_PATH": str(library.parent)} if library is not None else {}
+    return Tools(library, program or "nvidia-smi", env)
+
+
+def run_nvidia_smi(tools: Tools, timeout: float = NVIDIA_SMI_TIMEOUT_S) -> str:
+    """``nvidia-smi -q``'s output, bounded in time and size (no shell).
+
+    Errors: :class:`DiscoveryError` when the program is missing, runs over ``timeout``,
+    prints more than :data:`MAX_SMI_OUTPUT_BYTES`, or exits non-zero (its message kept).
+    """
+    env = {**os.environ, **tools.env}
+    try:
+        process = subprocess.Popen(
+            [tools.nvidia_smi, "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    except OSError as exc:
+        raise DiscoveryError(f"cannot run {tools.nvidia_smi}: {exc.strerror or exc}") from None
+    assert process.stdout is not None
+    chunks: list[bytes] = []
+    size = 0
+    deadline = time.monotonic() + timeout
+    problem = None
+    with process, selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                problem = f"{tools.nvidia_smi} -q ran over {timeout:g} s"
+                break
+            if not selector.select(left):
+                continue
+            chunk = os.read(process.stdout.fileno(), 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_SMI_OUTPUT_BYTES:
+                problem = f"{tools.nvidia_smi} -q printed more than {MAX_SMI_OUTPUT_BYTES} bytes"
+                break
+        if problem is not None:
+            process.kill()
+        status = process.wait()
+    if problem is not None:
+        raise DiscoveryError(problem)
+    text = b"".join(chunks).decode(errors="replace")
+    if status != 0:
+        said = " ".join(text.split())[:300]
+        raise DiscoveryError(f"{tools.nvidia_smi} -q exited {status}: {said}")
+    return text
+
+
+def read_identities(tools: Tools, say: _Say) -> tuple[GpuIdentity, ...]:
+    """Every GPU the driver reports: NVML, else ``nvidia-smi -q``.
+
+    Errors: :class:`DiscoveryError` naming both causes when neither answers.
+    """
+    from nvswitch_dp.vfio.nvml import NvmlUnavailable, read_identities_nvml
+
+    try:
+        identities = read_identities_nvml(tools.nvml_library)
+    except NvmlUnavailable as exc:
+        say(f"NVML unavailable ({exc}); reading `{tools.nvidia_smi} -q` instead")
+    else:
+        say(f"modules read with NVML for {len(identities)} GPU(s)")
+        return identities
+    try:
+        identities = parse_nvidia_smi_q(run_nvidia_smi(tools))
+    except (DiscoveryError, IdentityError) as exc:
+        raise DiscoveryError(f"neither NVML nor nvidia-smi answered: {exc}") from None
+    say(f"modules read with {tools.nvidia_smi} -q for {len(identities)} GPU(s)")
+    return identities
+
+
+def identities_of(gpus: Sequence[PciGpu], reported: Sequence[GpuIdentity]) -> list[GpuIdentity]:
+    """The identities of ``gpus`` (those on the nvidia driver), checked.
+
+    Errors: :class:`DiscoveryError` for a GPU the driver did not report, or
+    (:func:`~nvswitch_dp.vfio.identity.check_identities`) one without a module ID or two
+    sharing one.
+    """
+    by_address = {i.address: i for i in reported}
+    missing = [g.address for g in gpus if g.address not in by_address]
+    if missing:
+        raise DiscoveryError(
+            f"GPU {', '.join(missing)} is bound to {NVIDIA_DRIVER} but the driver did not "
+            "report it (fallen off the bus? `dmesg | grep -i nvrm`)"
+        )
+    chosen = [by_address[g.address] for g in gpus]
+    try:
+        check_identities(chosen)
+    except IdentityError as exc:
+        raise DiscoveryError(str(exc)) from None
+    return chosen
+
+
+class _Say:
+    """Prints progress lines; remembers warnings and problems for the summary."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+
+    def warn(self, line: str) -> None:
+        self.warnings.append(line)
+        print(f"warning: {line}", flush=True)
+
+    def fail(self, line: str) -> None:
+        self.problems.append(line)
+        print(f"problem: {line}", file=sys.stderr, flush=True)
+
+
+def module_map_yaml(module_map: Mapping[int, str], source: str) -> str:
+    """A ``module_map:`` block for the configuration file."""
+    lines = [f"# module IDs as the NVIDIA driver reported them ({source})", "module_map:"]
+    lines += [f'  {m}: "{a}"' for m, a in sorted(module_map.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _kernel_for(sysfs_root: Path) -> PciKernel:
+    from nvswitch_dp.vfio.simulate import SimulatedKernel, load_simulated_node
+
+    node = load_simulated_node(sysfs_root)
+    if node is None:
+        return SysfsKernel()
+    return SimulatedKernel(node)
+
+
+def prepare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nvswitch-dp prepare-node",
+        description=(
+            "Read the GPUs' FM module IDs while they are on the nvidia driver, record them "
+            "in the node inventory, and (with --bind-vfio) bind the GPUs to vfio-pci."
+        ),
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="daemon config (default: $HGX_H200_CONFIG_PATH)"
+    )
+    p.add_argument("--state-dir", metavar="DIR", help="default: state_dir from the config")
+    p.add_argument("--sysfs-root", metavar="DIR", help="default: vfio.sysfs_root from the config")
+    p.add_argument("--dev-root", metavar="DIR", help="default: vfio.dev_root from the config")
+    p.add_argument(
+        "--proc-root",
+        metavar="DIR",
+        default="/proc",
+        help="the host's /proc (to find processes holding a GPU open); default /proc",
+    )
+    p.add_argument(
+        "--driver-root",
+        metavar="DIR",
+        help="where the host's NVIDIA driver is (/ or /run/nvidia/driver, mounted): "
+        "libnvidia-ml.so.1 and nvidia-smi are looked up under it",
+    )
+    p.add_argument("--nvml-library", metavar="PATH", help="libnvidia-ml.so.1 to load")
+    p.add_argument(
+        "--nvidia-smi",
+        metavar="PATH",
+        help="the program to run when NVML is unavailable (default: nvidia-smi on PATH)",
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--print-module-map",
+        action="store_true",
+        help="print a module_map: block for the configuration, and change nothing",
+    )
+    what.add_argument(
+        "--bind-vfio",
+        action="store_true",
+        help="bind every configured GPU (and its IOMMU group) to vfio-pci",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan (every write) and change nothing"
+    )
+    return p
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config_path = args.config or os.environ.get("HGX_H200_CONFIG_PATH")
+    if config_path is None and DEFAULT_CONFIG.exists():
+        config_path = str(DEFAULT_CONFIG)
+    return load_config(Path(config_path) if config_path else None, dict(os.environ))
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    """``nvswitch-dp prepare-node``: returns the exit status (module docstring)."""
+    args = prepare_parser().parse_args(argv)
+    try:
+        config = _load(args)
+    except (ConfigError, OSError) as exc:
+        print(f"nvswitch-dp prepare-node: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    sysfs = Path(args.sysfs_root or config.vfio.sysfs_root)
+    dev = Path(args.dev_root or config.vfio.dev_root)
+    proc = Path(args.proc_root)
+    inventory_path = Path(args.state_dir or config.state_dir) / INVENTORY_FILE
+    tools = find_tools(
+        Path(args.driver_root) if args.driver_root else None, args.nvml_library, args.nvidia_smi
+    )
+    say = _Say()
+    try:
+        gpus = discover_gpus(sysfs, dev, config.vfio.gpu_device_ids)
+    except ValueError as exc:
+        print(f"nvswitch-dp prepare-node: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not gpus:
+        ids = ", ".join(sorted(config.vfio.gpu_device_ids))
+        say.fail(f"no PCI device with a configured GPU ID ({ids}) under {sysfs}")
+        return EXIT_PROBLEM
+    on_nvidia = [g for g in gpus if g.driver == NVIDIA_DRIVER]
+    models = ", ".join(sorted({f"{g.key} {g.name}" for g in gpus}))
+    say(
+        f"{len(gpus)} GPU(s) ({models}): {len(on_nvidia)} on {NVIDIA_DRIVER}, "
+        f"{sum(g.driver == VFIO_DRIVER for g in gpus)} on {VFIO_DRIVER}"
+    )
+    try:
+        old = load_inventory(inventory_path)
+    except (InventoryFileError, OSError) as exc:
+        say.fail(str(exc))
+        return EXIT_PROBLEM
+    inventory = _discover(on_nvidia, old, tools, say)
+    if inventory is None:
+        return EXIT_PROBLEM
+    present = {g.address: g.key for g in gpus}
+    resolution = resolve_module_map(config.module_map, inventory, present)
+    for line in resolution.problems:
+        say.warn(line)
+    if args.print_module_map:
+        known = inventory.module_map() if inventory.gpus else dict(config.module_map)
+        sys.stdout.write(module_map_yaml(known, f"node inventory {inventory_path}"))
+        return EXIT_PROBLEM if say.problems else EXIT_OK
+    if inventory != (old or NodeInventory()):
+        if args.dry_run:
+            say(f"would write {inventory_path}")
+        else:
+            try:
+                save_inventory(inventory_path, inventory)
+            except OSError as exc:
+                say.fail(f"cannot write {inventory_path}: {exc}")
+                return EXIT_PROBLEM
+            say(f"wrote {inventory_path} ({len(inventory.gpus)} GPU(s))")
+    else:
+        say(f"{inventory_path}: unchanged ({len(inventory.gpus)} GPU(s))")
+    if args.bind_vfio:
+        _bind(gpus, sysfs, dev, proc, dry_run=args.dry_run, say=say)
+    if say.problems:
+        return EXIT_PROBLEM
+    return EXIT_OK
+
+
+def _discover(
+    on_nvidia: Sequence[PciGpu], old: NodeInventory | None, tools: Tools, say: _Say
+) -> NodeInventory | None:
+    """The inventory with what the driver reports now merged in; ``None`` after a failure
+    (said). GPUs on vfio-pci keep their entries."""
+    if not on_nvidia:
+        say(f"no GPU on {NVIDIA_DRIVER}: nothing to read, the inventory stays as it is")
+        return old or NodeInventory()
+    try:
+        found = identities_of(on_nvidia, read_identities(tools, say))
+        merge = merge_discovered(old, found, {g.address: g.key for g in on_nvidia})
+    except (DiscoveryError, InventoryConflict) as exc:
+        say.fail(str(exc))
+        return None
+    for identity in sorted(found, key=lambda i: i.module_id or 0):
+        say(f"  module {identity.module_id}: {identity.address} {identity.uuid or ''}")
+    for change in merge.changes:
+        say(f"  inventory: {change}")
+    return merge.inventory
+
+
+def _bind(
+    gpus: Sequence[PciGpu], sysfs: Path, dev: Path, proc: Path, *, dry_run: bool, say: _Say
+) -> None:
+    """Plan, check and (unless ``dry_run``) make the moves; verify the GPUs after."""
+    minors = {
+        g.address: m
+        for g in gpus
+        if g.driver == NVIDIA_DRIVER and (m := read_device_minor(proc, g.address)) is not None
+    }
+    held: dict[str, str] = {}
+    if minors:
+        scan = find_open_holders(proc, {f"/dev/nvidia{m}" for m in minors.values()})
+        for address, minor in minors.items():
+            holders = scan.holders.get(f"/dev/nvidia{minor}")
+            if holders:
+                held[address] = f"/dev/nvidia{minor} is open in {', '.join(holders)}"
+            elif scan.unreadable:
+                held[address] = (
+                    f"cannot tell: the open files of {scan.unreadable} process(es) under "
+                    f"{proc} are unreadable (run as root with CAP_SYS_PTRACE and the host's "
+                    "/proc as --proc-root)"
+                )
+    plan: BindPlan = plan_binding(
+        sysfs, read_group_states(sysfs, gpus), missing_vfio_modules(sysfs), held
+    )
+    for refusal in plan.refusals:
+        say.fail(refusal)
+    if plan.changes_nothing:
+        say(f"nothing to bind: {plan.already} GPU(s) on {VFIO_DRIVER} already")
+    elif dry_run:
+        say("would do, in this order:")
+        for module in plan.modules:
+            say(f"  modprobe {module}")
+        for move in plan.moves:
+            source = move.from_driver or "no driver"
+            say(f"  {move.address}: {source} -> {VFIO_DRIVER} ({move.reason})")
+            for write in move.writes:
+                say(f"    {write.shell()}")
+        return
+    else:
+        failure = execute_plan(plan, _kernel_for(sysfs), sysfs, say)
+        if failure is not None:
+            say.fail(failure)
+            return
+    refused = {r.split(":", 1)[0] for r in plan.refusals}
+    unusable = [
+        p for g in gpus if g.address not in refused and (p := vfio_problem(sysfs, dev, g.address))
+    ]
+    for problem in unusable:
+        say.fail(problem)
+    if not unusable and not plan.refusals:
+        say(f"every GPU is on {VFIO_DRIVER} with a viable IOMMU group")
