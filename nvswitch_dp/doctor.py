@@ -355,7 +355,9 @@ def check_gpus_vfio(facts: NodeFacts) -> CheckResult:
             Status.FAIL,
             f"{len(facts.gpus)} GPU(s) ({', '.join(_found_ids(facts))}) cannot be passed "
             "to a VM: the node has no IOMMU groups",
-            "turn the IOMMU on first (see the iommu check), then "
+            "turn the IOMMU on first (see the iommu check): binding cannot help before; "
+            f"then bind the {' '.join(_found_ids(facts))} GPU(s) at "
+            f"{', '.join(g.address for g in facts.gpus)} with "
             "`nvswitch-dp prepare-node --bind-vfio`",
         )
     unbound = [g.address for g, _ in problems if g.vfio.present and g.vfio.driver != VFIO_DRIVER]
@@ -478,7 +480,8 @@ def check_fm_reachable(facts: NodeFacts) -> CheckResult:
 FIX_MODULE_MAP = (
     "with the GPUs still on the nvidia driver, run `nvswitch-dp prepare-node` (it records "
     "every GPU's module ID in <state-dir>/node-inventory.json, which the daemon reads when "
-    "module_map is not set; `--print-module-map` prints a module_map: block instead); by "
+    "module_map is not set; `nvswitch-dp prepare-node --print-module-map` prints a "
+    "module_map: block instead); by "
     "hand: `nvidia-smi -q | grep -iE '^GPU |module id'` (driver 580 prints 'Module Id', "
     "older ones 'Module ID') and set module_map to `<module ID>: \"0000:<bus>:00.0\"` "
     "(nvidia-smi's 8-digit domain 00000000 becomes 0000)"

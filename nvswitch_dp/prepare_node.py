@@ -38,6 +38,7 @@ know) are warnings: the node still serves its other GPUs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import selectors
 import subprocess
@@ -107,6 +108,7 @@ class Tools:
     nvml_library: Path | None = None
     nvidia_smi: str = "nvidia-smi"
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for nvidia-smi
+    use_nvml: bool = True  # False on a simulated node: NVML would describe the real GPUs
 
 
 def find_tools(driver_root: Path | None, nvml_library: str | None, nvidia_smi: str | None) -> Tools:
@@ -196,13 +198,16 @@ def read_identities(tools: Tools, say: _Say) -> tuple[GpuIdentity, ...]:
     """
     from nvswitch_dp.vfio.nvml import NvmlUnavailable, read_identities_nvml
 
-    try:
-        identities = read_identities_nvml(tools.nvml_library)
-    except NvmlUnavailable as exc:
-        say(f"NVML unavailable ({exc}); reading `{tools.nvidia_smi} -q` instead")
+    if not tools.use_nvml:
+        say(f"simulated node: NVML not asked; reading `{tools.nvidia_smi} -q`")
     else:
-        say(f"modules read with NVML for {len(identities)} GPU(s)")
-        return identities
+        try:
+            identities = read_identities_nvml(tools.nvml_library)
+        except NvmlUnavailable as exc:
+            say(f"NVML unavailable ({exc}); reading `{tools.nvidia_smi} -q` instead")
+        else:
+            say(f"modules read with NVML for {len(identities)} GPU(s)")
+            return identities
     try:
         identities = parse_nvidia_smi_q(run_nvidia_smi(tools))
     except (DiscoveryError, IdentityError) as exc:
@@ -259,13 +264,13 @@ def module_map_yaml(module_map: Mapping[int, str], source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _kernel_for(sysfs_root: Path) -> PciKernel:
+def _kernel_for(sysfs_root: Path) -> PciKernel | None:
+    """The simulated kernel when ``sysfs_root`` is a simulated node (its marker file says
+    so), else ``None``: the real sysfs."""
     from nvswitch_dp.vfio.simulate import SimulatedKernel, load_simulated_node
 
     node = load_simulated_node(sysfs_root)
-    if node is None:
-        return SysfsKernel()
-    return SimulatedKernel(node)
+    return None if node is None else SimulatedKernel(node)
 
 
 def prepare_parser() -> argparse.ArgumentParser:
@@ -339,6 +344,9 @@ def prepare_main(argv: list[str] | None = None) -> int:
     tools = find_tools(
         Path(args.driver_root) if args.driver_root else None, args.nvml_library, args.nvidia_smi
     )
+    simulated_kernel = _kernel_for(sysfs)
+    if simulated_kernel is not None:
+        tools = dataclasses.replace(tools, use_nvml=False)
     say = _Say()
     try:
         gpus = discover_gpus(sysfs, dev, config.vfio.gpu_device_ids)
@@ -384,7 +392,8 @@ def prepare_main(argv: list[str] | None = None) -> int:
     else:
         say(f"{inventory_path}: unchanged ({len(inventory.gpus)} GPU(s))")
     if args.bind_vfio:
-        _bind(gpus, sysfs, dev, proc, dry_run=args.dry_run, say=say)
+        kernel = simulated_kernel or SysfsKernel()
+        _bind(gpus, sysfs, dev, proc, kernel, dry_run=args.dry_run, say=say)
     if say.problems:
         return EXIT_PROBLEM
     return EXIT_OK
@@ -412,7 +421,14 @@ def _discover(
 
 
 def _bind(
-    gpus: Sequence[PciGpu], sysfs: Path, dev: Path, proc: Path, *, dry_run: bool, say: _Say
+    gpus: Sequence[PciGpu],
+    sysfs: Path,
+    dev: Path,
+    proc: Path,
+    kernel: PciKernel,
+    *,
+    dry_run: bool,
+    say: _Say,
 ) -> None:
     """Plan, check and (unless ``dry_run``) make the moves; verify the GPUs after."""
     minors = {
@@ -451,7 +467,7 @@ def _bind(
                 say(f"    {write.shell()}")
         return
     else:
-        failure = execute_plan(plan, _kernel_for(sysfs), sysfs, say)
+        failure = execute_plan(plan, kernel, sysfs, say)
         if failure is not None:
             say.fail(failure)
             return

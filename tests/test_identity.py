@@ -8,6 +8,7 @@ a different node or driver would print differently.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,19 @@ def test_any_board_round_trips(layout: dict[tuple[int, int, int], int]) -> None:
     assert {(g.address, g.module_id) for g in gpus} == {
         (f"0000:{b:02x}:{d:02x}.{f}", m) for (b, d, f), m in layout.items()
     }
+
+
+def test_the_documented_hand_recipe_prints_what_the_docs_show_on_the_real_output() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    command = "nvidia-smi -q | grep -iE '^GPU |module id'"
+    block = docs.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    grep = subprocess.run(
+        ["grep", "-iE", "^GPU |module id", str(FIXTURES / "nvidia-smi-q.txt")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert grep.stdout == block
+    assert [(g.address, g.module_id) for g in parse_nvidia_smi_q(grep.stdout)] == [
+        ("0000:00:06.0", 8)
+    ]
