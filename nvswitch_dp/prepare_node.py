@@ -25,7 +25,8 @@ systemd oneshot on the host)::
 changes nothing; ``--dry-run`` prints every write it would make and changes nothing. A
 second run changes nothing and says so. On a simulated node (a sysfs root built by
 :mod:`nvswitch_dp.vfio.simulate`, which says so in its marker file) the writes go to
-the simulated kernel; everywhere else to the real sysfs.
+the simulated kernel and NVML is not asked (it would describe the machine's real GPUs,
+if any); everywhere else the writes go to the real sysfs.
 
 Exit status, as ``doctor``: 0 when everything asked for was done (warnings allowed); 1
 when something could not be done (discovery failed for a GPU on nvidia, a GPU was
