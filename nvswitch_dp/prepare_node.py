@@ -260,7 +260,7 @@ class _Say:
 
 def module_map_yaml(module_map: Mapping[int, str], source: str) -> str:
     """A ``module_map:`` block for the configuration file."""
-    lines = [f"# module IDs as the NVIDIA driver reported them ({source})", "module_map:"]
+    lines = [f"# module IDs from {source}", "module_map:"]
     lines += [f'  {m}: "{a}"' for m, a in sorted(module_map.items())]
     return "\n".join(lines) + "\n"
 
@@ -377,8 +377,12 @@ def prepare_main(argv: list[str] | None = None) -> int:
     for line in resolution.problems:
         say.warn(line)
     if args.print_module_map:
-        known = inventory.module_map() if inventory.gpus else dict(config.module_map)
-        sys.stdout.write(module_map_yaml(known, f"node inventory {inventory_path}"))
+        if inventory.gpus:
+            known = inventory.module_map()
+            source = f"the node inventory {inventory_path}, as the NVIDIA driver reported them"
+        else:
+            known, source = dict(config.module_map), "the configuration (no node inventory)"
+        sys.stdout.write(module_map_yaml(known, source))
         return EXIT_PROBLEM if say.problems else EXIT_OK
     if inventory != (old or NodeInventory()):
         if args.dry_run:

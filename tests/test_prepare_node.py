@@ -353,3 +353,19 @@ def test_a_damaged_inventory_without_module_map_stops_the_start_with_one_line(
     refusals = [line for line in daemon.log_text().splitlines() if "cannot start" in line]
     assert len(refusals) == 1
     assert str(inventory) in refusals[0] and "nvswitch-dp prepare-node" in refusals[0]
+
+
+def test_nvidia_smi_is_bounded_in_time_and_size(tmp_path: Path) -> None:
+    from nvswitch_dp.prepare_node import DiscoveryError, Tools, run_nvidia_smi
+    from nvswitch_dp.vfio.identity import MAX_SMI_OUTPUT_BYTES
+
+    hang = _program(tmp_path / "hang", "exec sleep 60")
+    with pytest.raises(DiscoveryError, match=r"ran over 0\.5 s"):
+        run_nvidia_smi(Tools(nvidia_smi=str(hang)), timeout=0.5)
+    flood = _program(tmp_path / "flood", "exec yes GPU")
+    with pytest.raises(DiscoveryError, match=f"printed more than {MAX_SMI_OUTPUT_BYTES} bytes"):
+        run_nvidia_smi(Tools(nvidia_smi=str(flood)), timeout=30)
+    with pytest.raises(DiscoveryError, match="cannot run"):
+        run_nvidia_smi(Tools(nvidia_smi=str(tmp_path / "absent")))
+    real = run_nvidia_smi(Tools(nvidia_smi=str(real_nvidia_smi(tmp_path))))
+    assert real == (FIXTURES / "nvidia-smi-q.txt").read_text()
