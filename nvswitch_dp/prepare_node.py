@@ -49,7 +49,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nvswitch_dp.config import Config, ConfigError, load_config
+from nvswitch_dp.config import ConfigError
+from nvswitch_dp.node_args import add_node_arguments, load_node_config
 from nvswitch_dp.ports import PciKernel
 from nvswitch_dp.vfio.binding import (
     BindPlan,
@@ -80,7 +81,6 @@ from nvswitch_dp.vfio.inventory import (
     save_inventory,
 )
 
-DEFAULT_CONFIG = Path("/etc/nvswitch-dp/config.yaml")
 NVIDIA_DRIVER = "nvidia"
 NVIDIA_SMI_TIMEOUT_S = 120.0
 # Where a driver root (a host's /, or the GPU Operator's /run/nvidia/driver) keeps NVML
@@ -282,17 +282,8 @@ def prepare_parser() -> argparse.ArgumentParser:
             "in the node inventory, and (with --bind-vfio) bind the GPUs to vfio-pci."
         ),
     )
-    p.add_argument(
-        "--config", metavar="FILE", help="daemon config (default: $HGX_H200_CONFIG_PATH)"
-    )
-    p.add_argument("--state-dir", metavar="DIR", help="default: state_dir from the config")
-    p.add_argument("--sysfs-root", metavar="DIR", help="default: vfio.sysfs_root from the config")
-    p.add_argument("--dev-root", metavar="DIR", help="default: vfio.dev_root from the config")
-    p.add_argument(
-        "--proc-root",
-        metavar="DIR",
-        default="/proc",
-        help="the host's /proc (to find processes holding a GPU open); default /proc",
+    add_node_arguments(
+        p, proc_help="the host's /proc (to find processes holding a GPU open); default /proc"
     )
     p.add_argument(
         "--driver-root",
@@ -323,18 +314,11 @@ def prepare_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config_path = args.config or os.environ.get("HGX_H200_CONFIG_PATH")
-    if config_path is None and DEFAULT_CONFIG.exists():
-        config_path = str(DEFAULT_CONFIG)
-    return load_config(Path(config_path) if config_path else None, dict(os.environ))
-
-
 def prepare_main(argv: list[str] | None = None) -> int:
     """``nvswitch-dp prepare-node``: returns the exit status (module docstring)."""
     args = prepare_parser().parse_args(argv)
     try:
-        config = _load(args)
+        config = load_node_config(args)
     except (ConfigError, OSError) as exc:
         print(f"nvswitch-dp prepare-node: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
