@@ -226,6 +226,12 @@ def test_prepare_node_init_container_reads_the_modules_then_binds(daemonset: Doc
     assert volumes[mounts["/host/proc"]["name"]]["hostPath"]["path"] == "/proc"
     assert "--proc-root=/host/proc" in init["args"]
     assert "--driver-root=/host/driver-root" in init["args"]
+    # one refused GPU must not keep the daemon (and every other GPU) from starting
+    assert "--allow-refused" in init["args"]
+    # the driver's directories only, never the host's root with its credentials
+    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert "/" not in host_paths and "/etc" not in host_paths
+    assert volumes[mounts["/host/driver-root/usr/lib"]["name"]]["hostPath"]["path"] == "/usr/lib"
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/var/lib/nvswitch-dp"}
     sc = init["securityContext"]
     assert sc["privileged"] is True and sc["readOnlyRootFilesystem"] is True

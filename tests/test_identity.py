@@ -49,6 +49,7 @@ def test_the_real_h200_output_gives_module_8_at_the_sysfs_address() -> None:
         uuid=REAL_UUID,
         serial="1650000000001",
         source=SOURCE_NVIDIA_SMI,
+        minor=0,
     )
 
 
@@ -91,6 +92,40 @@ def test_not_available_module_is_none_and_check_names_the_gpu() -> None:
         check_identities(gpus)
 
 
+@pytest.mark.parametrize(
+    "printed",
+    ["[Not Supported]", "Insufficient Permissions", "GPU requires reset", "eight", "17", "-1"],
+)
+def test_a_module_no_driver_could_mean_leaves_only_that_gpu_without_one(printed: str) -> None:
+    header, _ = _header_and_gpu(REAL)
+    text = header + _gpu_block("00000000:5D:00.0", printed) + _gpu_block("00000000:18:00.0", "1")
+    gpus = parse_nvidia_smi_q(text)
+    assert [(g.module_id, g.module_text) for g in gpus] == [(None, printed), (1, None)]
+    with pytest.raises(IdentityError, match=re.escape(f"0000:5d:00.0 ({printed!r})")):
+        check_identities(gpus)
+
+
+def test_the_module_under_platform_info_wins_over_one_printed_before_it() -> None:
+    header, _ = _header_and_gpu(REAL)
+    block = _gpu_block("00000000:5D:00.0", "3")
+    # a section before Platform Info with a key of the same name (MIG devices, say)
+    block = block.replace(
+        "    MIG Mode\n", "    MIG Devices\n        Module Id                 : 9\n    MIG Mode\n"
+    )
+    (gpu,) = parse_nvidia_smi_q(header + block)
+    assert gpu.module_id == 3
+
+
+def test_wide_pci_domains_keep_their_digits() -> None:
+    header, _ = _header_and_gpu(REAL)
+    (gpu,) = parse_nvidia_smi_q(header + _gpu_block("00010000:5D:00.0", "3"))
+    assert gpu.address == "10000:5d:00.0"  # as sysfs prints a 32-bit domain (%04x)
+
+
+def test_crlf_output_parses_the_same() -> None:
+    assert parse_nvidia_smi_q(REAL.replace("\n", "\r\n")) == parse_nvidia_smi_q(REAL)
+
+
 def test_two_gpus_reporting_one_module_are_named() -> None:
     header, _ = _header_and_gpu(REAL)
     text = header + _gpu_block("00000000:5D:00.0", "2") + _gpu_block("00000000:18:00.0", "2")
@@ -106,7 +141,6 @@ def test_two_gpus_reporting_one_module_are_named() -> None:
         ("", "printed no GPU"),
         ("No devices were found\n", "printed no GPU"),
         ("GPU 00000000:00:40.0\n    Module Id : 1\n", "not a PCI address"),
-        ("GPU 00000000:00:06.0\n    Module Id : eight\n", "module ID 'eight' is not a number"),
         ("x" * (MAX_SMI_OUTPUT_BYTES + 1), "more than"),
     ],
 )

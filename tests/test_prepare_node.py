@@ -256,16 +256,55 @@ def test_a_gpu_held_open_is_refused_by_name_and_the_others_move(tmp_path: Path) 
     node, args = simulated(tmp_path)
     held = node.module_map[3]
     hold_open(node, 4242, "python3", f"/dev/nvidia{node.identities[held].minor}")
+    minor = node.identities[held].minor
     result = run_prepare(*args, "--bind-vfio")
     assert result.returncode == 1
-    assert f"{held}: in use on the nvidia driver" in result.stderr
-    assert "pid 4242 (python3)" in result.stderr
+    assert result.stderr == (
+        f"problem: {held}: in use: /dev/nvidia{minor} is open in pid 4242 (python3); "
+        "stop it first, then run again\n"
+    )  # said once: not also as "bound to nvidia" afterwards
     assert drivers(node)[held] == "nvidia"
     moved = [a for m, a in node.module_map.items() if m != 3]
     assert all(drivers(node)[a] == "vfio-pci" for a in moved)
     # its module is recorded all the same: it was read before anything moved
     recorded = json.loads((tmp_path / "state" / "node-inventory.json").read_text())["gpus"]
     assert recorded[held]["module_id"] == 3
+    # as an init container: the refusal is said, and the node serves the other seven
+    again = run_prepare(*args, "--bind-vfio", "--allow-refused")
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert f"--allow-refused: 1 GPU(s) left where they are ({held})" in again.stdout
+    assert "in use" in again.stderr
+
+
+def test_a_gpu_whose_minor_cannot_be_read_counts_as_in_use(tmp_path: Path) -> None:
+    node, args = simulated(tmp_path)
+    gpu = node.module_map[4]
+    # no /proc/driver/nvidia entry (another --proc-root, say) and nvidia-smi prints no
+    # Minor Number: whether it is in use cannot be told, so it is not moved
+    info = node.proc_root / "driver" / "nvidia" / "gpus" / gpu / "information"
+    info.rename(tmp_path / "information")
+    smi = _program(
+        tmp_path / "smi-no-minor",
+        f"{node.sysfs_root.parent / 'bin' / 'nvidia-smi'} -q | grep -v 'Minor Number'",
+    )
+    result = run_prepare(*args, "--nvidia-smi", str(smi), "--bind-vfio")
+    assert result.returncode == 1
+    assert f"{gpu}: in use: cannot tell whether it is in use" in result.stderr
+    assert drivers(node)[gpu] == "nvidia"
+
+
+def test_a_group_shared_with_a_host_nic_is_refused_whole(tmp_path: Path) -> None:
+    node, args = simulated(tmp_path)
+    gpu = node.module_map[6]
+    nic = add_function(
+        node, node.gpu_group(6), vendor="15b3", device="1021", pci_class=0x020000,
+        driver="mlx5_core",
+    )  # fmt: skip
+    result = run_prepare(*args, "--bind-vfio")
+    assert result.returncode == 1
+    assert f"{gpu}: IOMMU group {node.gpu_group(6)} also holds {nic} on mlx5_core" in result.stderr
+    assert drivers(node)[gpu] == "nvidia"
+    assert read_function(node.sysfs_root, nic).driver == "mlx5_core"  # type: ignore[union-attr]
 
 
 def test_modules_are_loaded_first_and_group_mates_move_too(tmp_path: Path) -> None:
@@ -367,5 +406,47 @@ def test_nvidia_smi_is_bounded_in_time_and_size(tmp_path: Path) -> None:
         run_nvidia_smi(Tools(nvidia_smi=str(flood)), timeout=30)
     with pytest.raises(DiscoveryError, match="cannot run"):
         run_nvidia_smi(Tools(nvidia_smi=str(tmp_path / "absent")))
+    # closes its output, then hangs: the deadline still holds
+    closes = _program(tmp_path / "closes", "echo 'GPU 00000000:00:06.0'; exec >&- 2>&-; sleep 60")
+    with pytest.raises(DiscoveryError, match=r"ran over 0\.5 s"):
+        run_nvidia_smi(Tools(nvidia_smi=str(closes)), timeout=0.5)
     real = run_nvidia_smi(Tools(nvidia_smi=str(real_nvidia_smi(tmp_path))))
     assert real == (FIXTURES / "nvidia-smi-q.txt").read_text()
+
+
+def test_host_nvidia_smi_sees_the_host_nvml_and_no_other_host_library(tmp_path: Path) -> None:
+    from nvswitch_dp.prepare_node import find_tools, run_nvidia_smi
+
+    root = tmp_path / "driver-root"
+    libdir = root / "usr" / "lib" / "x86_64-linux-gnu"
+    libdir.mkdir(parents=True)
+    (libdir / "libnvidia-ml.so.1").write_text("")
+    (libdir / "libc.so.6").write_text("")  # the host's libc must never reach the program
+    bindir = root / "usr" / "bin"
+    bindir.mkdir(parents=True)
+    _program(bindir / "nvidia-smi", 'ls "$LD_LIBRARY_PATH"; readlink "$LD_LIBRARY_PATH"/*')
+    tools = find_tools(root, None, None)
+    assert tools.nvml_library == libdir / "libnvidia-ml.so.1"
+    assert tools.nvidia_smi == str(bindir / "nvidia-smi")
+    assert run_nvidia_smi(tools).split() == [
+        "libnvidia-ml.so.1",
+        str(libdir / "libnvidia-ml.so.1"),
+    ]
+
+
+def test_a_damaged_inventory_is_written_anew_only_when_every_gpu_can_be_read(
+    tmp_path: Path,
+) -> None:
+    _, args = simulated(tmp_path)
+    path = tmp_path / "state" / "node-inventory.json"
+    path.parent.mkdir()
+    path.write_text('{"version": 1, "gpus": {"0000:5d:00.0": {"module_id": 5000}}}')
+    result = run_prepare(*args)  # every GPU on nvidia: every module read again
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "so it is written anew" in result.stdout
+    assert len(json.loads(path.read_text())["gpus"]) == 8
+    assert run_prepare(*args, "--bind-vfio").returncode == 0
+    path.write_text("{")
+    result = run_prepare(*args)  # on vfio-pci now: what the file held cannot be read again
+    assert result.returncode == 1
+    assert f"mv {path} {path}.bad" in result.stderr

@@ -896,7 +896,9 @@ class SimulatedKernel:
       probing a newly loaded driver does (``drivers_autoprobe_store``).
     - Probes: vfio-pci refuses a function whose header type is not normal, i.e. a bridge
       (``EINVAL``: ``vfio_pci_core_register_device`` in drivers/vfio/pci/vfio_pci_core.c,
-      ``vfio_pci_probe`` in vfio_pci.c before 5.15); since 5.13 ``bind`` reports a probe's
+      ``vfio_pci_probe`` in vfio_pci.c before 5.15), and a function without an IOMMU
+      group (``EINVAL`` from ``vfio_iommu_group_get`` in drivers/vfio/group.c, unless
+      the noiommu mode is on, which this tree never is); since 5.13 ``bind`` reports a probe's
       error, while ``drivers_probe`` and ``new_id`` go on to the next driver or device.
       Binding to vfio-pci creates ``/dev/vfio/<group>``; nvidia's probe creates the GPU's
       ``/proc/driver/nvidia`` entry and its remove takes it away (module docstring).
@@ -1092,6 +1094,13 @@ class SimulatedKernel:
         """Bind ``dev`` to ``driver`` as its probe would; 0, or the probe's errno."""
         if driver == VFIO_DRIVER and dev.is_bridge:
             return errno.EINVAL
+        if (
+            driver == VFIO_DRIVER
+            and not (
+                self._node.sysfs_root / "bus" / "pci" / "devices" / dev.address / "iommu_group"
+            ).exists()
+        ):
+            return errno.EINVAL  # vfio_iommu_group_get: no group, and no noiommu mode
         node = self._node
         _bind(node.sysfs_root, node.dev_root, dev.address, driver, node.proc_root)
         return 0
