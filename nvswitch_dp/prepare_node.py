@@ -36,13 +36,16 @@ refused, a write failed, a GPU is unusable afterwards); 2 for bad arguments or
 configuration. With ``--allow-refused`` (the init container's setting) refused GPUs
 alone exit 0: each is named, and the daemon serves the others.
 
+Inconsistencies the daemon itself refuses GPU by GPU (a configured ``module_map``
+contradicting the inventory, a GPU on vfio-pci the inventory does not know) are
+warnings: the node still serves its other GPUs.
+
 Every outside call is bounded: NVML is given up after :data:`NVML_TIMEOUT_S` (its calls
 block in the driver and cannot be interrupted, so they run in a daemon thread), and
-``nvidia-smi`` after :data:`NVIDIA_SMI_TIMEOUT_S` or :data:`~nvswitch_dp.vfio.identity.
-MAX_SMI_OUTPUT_BYTES` of output, then killed. The host's ``nvidia-smi`` run from a
-container sees only the host's NVML on its library path, never the host's libc. Inconsistencies the daemon itself refuses GPU by GPU (a configured
-``module_map`` contradicting the inventory, a GPU on vfio-pci the inventory does not
-know) are warnings: the node still serves its other GPUs.
+``nvidia-smi`` after :data:`NVIDIA_SMI_TIMEOUT_S` or
+:data:`~nvswitch_dp.vfio.identity.MAX_SMI_OUTPUT_BYTES` of output, then killed. The
+host's ``nvidia-smi`` run from a container sees only the host's NVML on its library
+path, never the host's libc.
 """
 
 from __future__ import annotations
