@@ -19,7 +19,9 @@ on one partition (with its device metadata file), and Unprepare (FM inactive aga
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,13 +58,46 @@ def _get_json(url: str) -> Any:
         return json.load(response)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _demo_session(prefix: str) -> Iterator[Path]:
+    """A fresh demo directory, removed at the end, however the demo ends.
+
+    SIGTERM and SIGHUP end the demo as Ctrl-C does, so the daemon it started is always
+    stopped (it runs in its own session, where a signal to the demo does not reach it)
+    and nothing it wrote is left behind.
+    """
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, _interrupt) for s in signals}
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    _say(f"demo directory: {workdir}")
+    try:
+        yield workdir
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        shutil.rmtree(workdir, ignore_errors=True)
+        _say(f"removed {workdir}")
+
+
 def run_demo(
     platform: str = "hgx-h200", api_listen: str = "127.0.0.1:9090", *, wait: bool = True
 ) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="nvswitch-dp-demo-"))
+    """``nvswitch-dp demo``: the walk-through of the module docstring; the exit status
+    (130 when interrupted before the walk-through ended)."""
+    try:
+        with _demo_session("nvswitch-dp-demo-") as workdir:
+            return _run_demo(workdir, platform, api_listen, wait)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_demo(workdir: Path, platform: str, api_listen: str, wait: bool) -> int:
     plugin_dir = workdir / "device-plugins"
     plugin_dir.mkdir()
-    _say(f"demo directory: {workdir}")
     config = _prepare_node(workdir, platform)
     if config is None:
         return 1
@@ -192,8 +228,8 @@ def _serve_until_interrupted(daemon: subprocess.Popen[bytes], api: str, wait: bo
     if not wait:
         _say("\nstopping the daemon (SIGTERM)")
         return 0
-    _say(f"\nThe daemon keeps serving (REST on http://{api}); press Ctrl-C to stop it.")
-    try:
+    try:  # the line is inside: a signal the moment it is read still stops cleanly
+        _say(f"\nThe daemon keeps serving (REST on http://{api}); press Ctrl-C to stop it.")
         while daemon.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -215,19 +251,25 @@ def run_dra_demo(
     process, over real HTTP; the kubelet over gRPC on real Unix sockets); the daemon is
     the real one, as a process. Returns the exit status.
     """
-    from nvswitch_dp.testing.dra_cluster import DraCluster
-
     host, _, port = api_listen.rpartition(":")
     if host not in ("127.0.0.1", "localhost") or not port.isdigit():
         _say(f"nvswitch-dp demo --mode dra: --api-listen must be 127.0.0.1:PORT, got {api_listen}")
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="nvswitch-dp-dra-demo-"))
-    _say(f"demo directory: {workdir}")
+    try:
+        with _demo_session("nvswitch-dp-dra-demo-") as workdir:
+            return _run_dra_demo(workdir, platform, api_listen, int(port), wait)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_dra_demo(workdir: Path, platform: str, api_listen: str, port: int, wait: bool) -> int:
+    from nvswitch_dp.testing.dra_cluster import DraCluster
+
     with DraCluster(workdir, platform=platform) as cluster:
         _say(f"API-server stand-in on {cluster.api.url}; DRA kubelet stand-in watching "
              f"{cluster.registry_dir}")  # fmt: skip
         started = time.monotonic()
-        daemon = cluster.start_daemon(api_port=int(port))
+        daemon = cluster.start_daemon(api_port=port)
         command = daemon.command[2:]
         _say("$ " + " ".join(command).replace("nvswitch_dp", "nvswitch-dp", 1))
         cluster.wait_published()
