@@ -17,6 +17,12 @@ current :class:`~nvswitch_dp.dra.slices.PoolInputs`, and writes only when they d
   (for ``/readyz``), and the round is retried after a backoff that doubles from
   ``backoff_first_s`` up to ``backoff_cap_s``, from fresh inputs. Nothing else is touched:
   prepared claims and the partitions they hold are none of the publisher's business.
+- **bursts**: a change (a claim prepared changes the order the devices are listed in)
+  is published at once, but a round that wrote is followed by at least
+  ``min_interval_s`` before the next one, and the next one reads the inputs as they
+  are then: a burst of changes costs one write per ``min_interval_s``, not one per
+  change (measured: ``tests/test_dra_placement_e2e.py`` reports the writes of a burst of
+  50 Prepares). A round whose inputs equal what the API server holds writes nothing.
 - **resync**: with no node change a round still runs every ``resync_s`` (a read, and a
   write only if someone changed or removed our slices).
 
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 30.0  # an outage of the API server is retried at least this often
 RESYNC_S = 60.0
+MIN_INTERVAL_S = 0.25  # between two rounds that write: bounds the writes of a burst
 CONFLICT_RETRIES = 5
 
 
@@ -86,6 +93,7 @@ class PoolPublisher:
         backoff_cap_s: float = BACKOFF_CAP_S,
         resync_s: float = RESYNC_S,
         conflict_retries: int = CONFLICT_RETRIES,
+        min_interval_s: float = MIN_INTERVAL_S,
     ) -> None:
         if not 0 < backoff_first_s <= backoff_cap_s:
             raise ValueError("backoff must satisfy 0 < backoff_first_s <= backoff_cap_s")
@@ -96,6 +104,9 @@ class PoolPublisher:
         self._backoff_cap_s = backoff_cap_s
         self._resync_s = resync_s
         self._conflict_retries = conflict_retries
+        if min_interval_s < 0:
+            raise ValueError("min_interval_s must be >= 0")
+        self._min_interval_s = min_interval_s
         self.problem: str | None = "ResourceSlices not published yet"
         self.generation = 0
         self.writes = 0
@@ -179,7 +190,7 @@ class PoolPublisher:
         while True:
             inputs = self._source()
             try:
-                await self.publish_once(inputs)
+                wrote = await self.publish_once(inputs)
             except KubeError as exc:
                 self.problem = f"ResourceSlices not published ({exc}); retrying in {delay:g} s"
                 log.warning("publishing the pool failed", extra={"error": str(exc)})
@@ -196,5 +207,8 @@ class PoolPublisher:
             if not started:
                 task_status.started()
                 started = True
+            if wrote and self._min_interval_s > 0:
+                # Coalesce a burst: what changes meanwhile goes out in the next round.
+                await trio.sleep(self._min_interval_s)
             with trio.move_on_after(self._resync_s if self._resync_s > 0 else math.inf):
                 node_change = await self._wait_for_change(node_change)

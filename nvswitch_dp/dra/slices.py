@@ -26,6 +26,13 @@ it). Counters stay: they describe the hardware, not its health. Leaving devices 
 chosen over device taints because taints are a beta field behind the ``DRADeviceTaints``
 gate in 1.36, while an absent device is understood by every scheduler.
 
+Order: the scheduler's allocator takes the first device that fits in the order a slice
+lists them, and the order of the slices within a pool is not defined (the scheduler
+gathers them through a map), so the devices go into as few slices as the limit allows
+(one on every table we know: 23 devices on HGX H200, 51 on HGX A100 16-GPU) in the order
+:class:`PoolInputs` gives: partition devices smallest size first, each size in the
+policy's order, then the per-GPU devices.
+
 Everything here is pure; :mod:`nvswitch_dp.dra.validation` holds the published limits
 this module respects.
 """
@@ -69,6 +76,10 @@ class PoolInputs:
     ``gpus`` maps module ID to where the GPU sits (a module of the table missing here is
     treated as a problem: it cannot be handed out). ``gpu_problems`` and
     ``partition_problems`` map a module or partition ID to why it must leave the pool.
+    ``order`` and ``gpu_order`` are the partition and module IDs in the order the devices
+    are listed (the scheduler takes the first that fits: this order *is* the placement
+    policy, see :func:`~nvswitch_dp.partitions.policy.placement_order`); IDs they leave
+    out follow by ID, so the default lists everything by ID.
     """
 
     node_name: str
@@ -78,6 +89,8 @@ class PoolInputs:
     gpus: Mapping[int, GpuSlot]
     gpu_problems: Mapping[int, str]
     partition_problems: Mapping[int, str]
+    order: tuple[int, ...] = ()
+    gpu_order: tuple[int, ...] = ()
 
 
 def baseboard_of(module_id: int) -> int:
@@ -199,6 +212,13 @@ def _gpu_device(
     }
 
 
+def _ordered(first: Sequence[int], every: Sequence[int]) -> list[int]:
+    """``first`` (those in ``every``, once each), then the rest of ``every`` by value."""
+    known = set(every)
+    head = list(dict.fromkeys(i for i in first if i in known))
+    return head + sorted(known - set(head))
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)] or [[]]
 
@@ -234,10 +254,14 @@ def build_pool(inputs: PoolInputs, generation: int) -> list[Slice]:
     ]
     usable = {p.partition_id for p in table if _usable(p, inputs)}
     chosen = gpu_partitions(table)
-    devices = [_partition_device(table[pid], inputs) for pid in sorted(usable)]
+    devices = [
+        _partition_device(table[pid], inputs)
+        for pid in _ordered(inputs.order, table.ids)
+        if pid in usable
+    ]
     devices += [
         _gpu_device(m, inputs, chosen[m], usable)
-        for m in modules
+        for m in _ordered(inputs.gpu_order, modules)
         if m in inputs.gpus and m not in inputs.gpu_problems
     ]
     specs: list[dict[str, Any]] = [
