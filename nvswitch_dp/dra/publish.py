@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 30.0  # an outage of the API server is retried at least this often
 RESYNC_S = 60.0
-MIN_INTERVAL_S = 0.25  # between two rounds that write: bounds the writes of a burst
+MIN_INTERVAL_S = 0.5  # between two rounds that write: bounds the writes of a burst
 CONFLICT_RETRIES = 5
 
 

@@ -240,7 +240,14 @@ class DraCluster:
             },
         )
         if devices is None:
-            found = self.allocator().allocate(claim)
+            # The scheduler retries a pod while a pool is being updated (incomplete: a
+            # new generation not wholly written yet); so does this, within 10 s.
+            allocator = self.allocator()
+            deadline = time.monotonic() + 10.0
+            while allocator.unusable is not None and time.monotonic() < deadline:
+                time.sleep(0.01)
+                allocator = self.allocator()
+            found = allocator.allocate(claim)
             if found is None:
                 self.store.delete("resourceclaims", namespace, name)
                 raise LookupError(f"the scheduler finds no allocation for {claim}")
