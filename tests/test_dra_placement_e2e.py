@@ -25,6 +25,7 @@ from nvswitch_dp.partitions.policy import (
     remaining_after,
 )
 from nvswitch_dp.partitions.table import PartitionTable
+from nvswitch_dp.testing.apiserver import TAINTS
 from nvswitch_dp.testing.dra_allocator import partition_claim
 from nvswitch_dp.testing.dra_cluster import DraCluster, dra_cluster
 from nvswitch_dp.testing.dra_kubelet import ClaimSpec
@@ -159,3 +160,46 @@ def test_a_burst_of_50_prepares_costs_a_bounded_number_of_slice_writes(
     # One round per coalescing interval at most, each writing the device slice and the
     # counters slice (a new generation), plus the round that settles the last change.
     assert total <= 2 * (burst / MIN_INTERVAL_S + 2)
+
+
+@pytest.mark.parametrize("taints", [True, False], ids=["taints", "no-taints"])
+def test_a_gpu_fault_on_a_prepared_partition_taints_or_removes_and_recovers(
+    taints: bool,
+) -> None:
+    with (
+        tempfile.TemporaryDirectory(prefix="dra-taint-") as workdir,
+        DraCluster(Path(workdir)) as cluster,
+    ):
+        if not taints:
+            cluster.store.features.discard(TAINTS)
+        cluster.start_daemon()
+        cluster.wait_published()
+        claim = cluster.create_claim(partition_claim(4))
+        (device,) = cluster.allocated(claim)
+        assert cluster.prepare(claim).error == ""
+        modules = table_of(cluster.platform)[int(device.removeprefix("partition-"))]
+        module = min(modules.module_ids)
+        holding = {
+            f"partition-{p.partition_id}"
+            for p in table_of(cluster.platform)
+            if module in p.module_ids
+        } | {f"gpu-{module}"}
+        group = cluster.vfio_group(module)
+        group.unlink()  # /dev/vfio/<group> gone: the GPU cannot be handed to a VM
+        cluster.wait(lambda: not cluster.devices() & holding, 10, "the GPU's devices out")
+        published = cluster.taints()
+        if taints:
+            # Every device holding the GPU is still there, saying why it is not offered.
+            assert holding <= set(published)
+            key = "gpu.nvswitch-dp.io/gpu-fault"
+            assert published[device] == [(key, f"modules-{module}")]
+            assert published[f"gpu-{module}"][0][0] == key
+            assert "missing" in published[f"gpu-{module}"][0][1]
+        else:
+            assert not holding & set(published)
+            assert not any(published.values())  # never a sick device untainted
+        assert cluster.fm_active() == [int(device.removeprefix("partition-"))]  # kept
+        group.write_text("")
+        cluster.wait(lambda: cluster.devices() >= holding - {device}, 10, "back")
+        assert not any(cluster.taints().values())
+        assert cluster.unprepare(claim) == ""

@@ -240,6 +240,17 @@ class KubeClient:
             raise self._failure(call, exc) from exc
         return _as_dict(created)
 
+    async def dry_run_create_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create ``obj`` with ``dryRun=All`` (validated, admitted, not stored); the object as
+        the server would have stored it. What a server without a feature drops is missing
+        from the answer."""
+        call = f"create ResourceSlice {obj['metadata']['name']} (dry run)"
+        try:
+            created = await self._client.create(_slice_model(obj), dry_run=True)
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise self._failure(call, exc) from exc
+        return _as_dict(created)
+
     async def update_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Replace the slice named in ``obj`` (PUT); ``obj['metadata']['resourceVersion']``
         must be the one last read. :class:`SliceConflict` when it is stale."""

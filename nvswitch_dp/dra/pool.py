@@ -46,12 +46,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nvswitch_dp.controller import NodeLayout
-from nvswitch_dp.dra.slices import PoolInputs
+from nvswitch_dp.dra.slices import DRAINED, FABRIC_PREFIX, OCCUPIED_PREFIX, PoolInputs
 from nvswitch_dp.partitions.node import FabricStatus, NodeView
 from nvswitch_dp.partitions.policy import KEEP_LARGEST, Policy, gpu_order, placement_order
 from nvswitch_dp.partitions.state import Phase
 
-DRAINED = "drained by an operator"
+__all__ = ["DRAINED", "PoolSource", "pool_inputs"]
 
 
 def _occupied(view: NodeView, partition_id: int) -> bool:
@@ -79,7 +79,7 @@ def pool_inputs(
     fabric = (
         None
         if view.fabric is FabricStatus.UP
-        else f"Fabric Manager is {view.fabric.value}: {view.fabric_problem or 'no answer'}"
+        else f"{FABRIC_PREFIX}{view.fabric.value}: {view.fabric_problem or 'no answer'}"
     )
     partition_problems: dict[int, str] = {}
     for pid in table.ids:
@@ -93,7 +93,7 @@ def pool_inputs(
             partition_problems[pid] = fault
         elif blockers:
             partition_problems[pid] = (
-                f"shares a GPU with partition {blockers[0]}, which is "
+                f"{OCCUPIED_PREFIX}{blockers[0]}, which is "
                 f"{view.partitions[blockers[0]].state.value} without a claim"
             )
     # What the scheduler can still allocate, as far as the node knows: available in the

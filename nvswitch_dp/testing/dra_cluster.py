@@ -153,8 +153,24 @@ class DraCluster:
         ]
 
     def devices(self) -> set[str]:
-        """Names of the devices the node's slices offer now."""
-        return {d["name"] for s in self.slices() for d in s["spec"].get("devices") or []}
+        """Names of the devices the node's slices offer now: published, and not tainted
+        ``NoSchedule``/``NoExecute`` (those the scheduler does not allocate)."""
+        return {
+            d["name"]
+            for s in self.slices()
+            for d in s["spec"].get("devices") or []
+            if not any(
+                t.get("effect") in ("NoSchedule", "NoExecute") for t in d.get("taints") or []
+            )
+        }
+
+    def taints(self) -> dict[str, list[tuple[str, str]]]:
+        """Device name -> its taints as (key, value), for every device published."""
+        return {
+            d["name"]: [(t["key"], t.get("value", "")) for t in d.get("taints") or []]
+            for s in self.slices()
+            for d in s["spec"].get("devices") or []
+        }
 
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
