@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from nvswitch_dp.partitions.policy import (
     remaining_after,
 )
 from nvswitch_dp.partitions.table import PartitionTable
-from nvswitch_dp.testing.apiserver import TAINTS
+from nvswitch_dp.testing.apiserver import DEVICE_STATUS, TAINTS
 from nvswitch_dp.testing.dra_allocator import partition_claim
 from nvswitch_dp.testing.dra_cluster import DraCluster, dra_cluster
 from nvswitch_dp.testing.dra_kubelet import ClaimSpec
@@ -66,6 +67,12 @@ def published_partitions(cluster: DraCluster) -> list[int]:
     return found
 
 
+def in_policy_order(cluster: DraCluster, table: PartitionTable, free: frozenset[int]) -> bool:
+    """Whether the served pool lists the free partitions in the policy's order."""
+    wanted = [p for p in placement_order(table, free) if p in free]
+    return [p for p in published_partitions(cluster) if p in free] == wanted
+
+
 # A sequence of arrivals (size) and departures (-index of the claim to release).
 SEQUENCE = (1, 1, 2, 1, 4, -1, 1, 2, -3, 1, 2, -0, 1, 1, -6, 4, 1)
 
@@ -84,11 +91,8 @@ def test_the_scheduler_takes_what_the_policy_would(cluster: DraCluster) -> None:
                 cluster.delete_claim(claim)
             continue
         # The daemon re-publishes once what it holds changed; wait for that pool.
-        wanted = [p for p in placement_order(table, free) if p in free]
         cluster.wait(
-            lambda wanted=wanted, free=free: (
-                [p for p in published_partitions(cluster) if p in free] == wanted
-            ),
+            partial(in_policy_order, cluster, table, free),
             20,
             f"step {step}: the pool in the policy's order",
         )
@@ -162,21 +166,46 @@ def test_a_burst_of_50_prepares_costs_a_bounded_number_of_slice_writes(
     assert total <= 2 * (burst / MIN_INTERVAL_S + 2)
 
 
-@pytest.mark.parametrize("taints", [True, False], ids=["taints", "no-taints"])
+def ready(cluster: DraCluster, claim: ClaimSpec) -> list[tuple[str, str, str]]:
+    """(device, Ready status, reason) of the claim's status.devices entries."""
+    obj = cluster.store.get("resourceclaims", claim.namespace, claim.name)
+    return [
+        (d["device"], c["status"], c["reason"])
+        for d in (obj.get("status") or {}).get("devices") or []
+        for c in d.get("conditions") or []
+        if c["type"] == "Ready"
+    ]
+
+
+@pytest.mark.parametrize(
+    "taints", [True, False], ids=["a-1.37-server", "a-server-without-taints-or-device-status"]
+)
 def test_a_gpu_fault_on_a_prepared_partition_taints_or_removes_and_recovers(
     taints: bool,
 ) -> None:
+    """The issue's third test: devices tainted with the reason (or left out), the claim's
+    Ready condition false with the reason (or, on a server without the field, nothing
+    written and Prepare unharmed), and both back with the GPU."""
     with (
         tempfile.TemporaryDirectory(prefix="dra-taint-") as workdir,
         DraCluster(Path(workdir)) as cluster,
     ):
         if not taints:
-            cluster.store.features.discard(TAINTS)
+            cluster.store.features -= {TAINTS, DEVICE_STATUS}
         cluster.start_daemon()
         cluster.wait_published()
         claim = cluster.create_claim(partition_claim(4))
         (device,) = cluster.allocated(claim)
         assert cluster.prepare(claim).error == ""
+        if taints:
+            cluster.wait(
+                lambda: ready(cluster, claim) == [(device, "True", "Prepared")], 10, "Ready"
+            )
+            obj = cluster.store.get("resourceclaims", claim.namespace, claim.name)
+            (entry,) = obj["status"]["devices"]
+            assert entry["data"]["partitionID"] == int(device.removeprefix("partition-"))
+            assert len(entry["data"]["pciAddresses"]) == len(entry["data"]["iommuGroups"]) == 4
+            assert obj["status"]["allocation"]  # the scheduler's part is kept
         modules = table_of(cluster.platform)[int(device.removeprefix("partition-"))]
         module = min(modules.module_ids)
         holding = {
@@ -199,7 +228,16 @@ def test_a_gpu_fault_on_a_prepared_partition_taints_or_removes_and_recovers(
             assert not holding & set(published)
             assert not any(published.values())  # never a sick device untainted
         assert cluster.fm_active() == [int(device.removeprefix("partition-"))]  # kept
+        if taints:
+            cluster.wait(lambda: ready(cluster, claim) == [(device, "False", "GPUFault")], 10, "!")
         group.write_text("")
         cluster.wait(lambda: cluster.devices() >= holding - {device}, 10, "back")
         assert not any(cluster.taints().values())
+        if taints:
+            cluster.wait(lambda: ready(cluster, claim) == [(device, "True", "Prepared")], 10, "up")
+        else:
+            assert ready(cluster, claim) == []
+            log = cluster.daemon.log_text() if cluster.daemon is not None else ""
+            assert log.count("drops ResourceClaim status.devices") == 1
+            assert log.count("drops device taints") == 1
         assert cluster.unprepare(claim) == ""
