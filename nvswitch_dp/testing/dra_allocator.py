@@ -2,10 +2,11 @@
 
 Written from the structured allocator of ``k8s.io/dynamic-resource-allocation``
 (kubernetes/kubernetes ``staging/src/k8s.io/dynamic-resource-allocation/structured/``:
-``internal/stable/allocator_stable.go`` and ``pools_stable.go``, with the incubating and
-experimental variants, which loop the same way; read at the 1.36 shape, where shared
-counters live in their own slices and pools carry ``DeviceSlicesTargetingNode``). What it
-does, and so what this does:
+``internal/stable/allocator_stable.go`` as of commit 03ab440c and ``pools.go`` /
+``internal/{stable,incubating}/pools_*.go``, with the incubating and experimental
+allocators, which loop the same way; the code of 1.35 and later (1.36, 1.37), where shared
+counters live in their own slices and a pool carries ``DeviceSlicesTargetingNode``).
+What it does, and so what this does:
 
 - **Pools** (``GatherPools``): the slices of one (driver, pool) with the highest
   ``pool.generation`` are the pool; older ones are ignored. A pool whose slice count is not
