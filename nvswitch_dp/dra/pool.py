@@ -3,7 +3,9 @@
 :func:`pool_inputs` turns the node machine's picture
 (:class:`~nvswitch_dp.partitions.node.NodeView`)
 and the node's fixed facts (:class:`~nvswitch_dp.controller.NodeLayout`) into
-:class:`~nvswitch_dp.dra.slices.PoolInputs`. The rules, and why:
+:class:`~nvswitch_dp.dra.slices.PoolInputs`. A device with a problem "leaves the pool"
+below: it is left out, or, where the API server keeps device taints, published with a
+``NoSchedule`` taint saying why (:mod:`nvswitch_dp.dra.slices`). The rules, and why:
 
 - **GPU problems** (the GPU, and every partition and per-GPU device containing it, leave
   the pool): a hardware or VFIO fault of the GPU (``module_faults``), and a drained GPU.
