@@ -265,6 +265,7 @@ class ClaimStatusWriter:
         task_status.started()
         while True:
             self._wake = trio.Event()
+            seen = self._view().generation
             await self.sync_once()
             self._progress.set()
             self._progress = trio.Event()
@@ -273,13 +274,16 @@ class ClaimStatusWriter:
             with trio.move_on_after(self._retry_s if self.problem else float("inf")):
                 async with trio.open_nursery() as nursery:
 
-                    async def node_changed() -> None:
-                        await self._wait_changed()
+                    async def node_changed(since: int) -> None:
+                        # By generation, not by the event alone: a change between the
+                        # pass above and this wait must not be lost.
+                        while self._view().generation == since:
+                            await self._wait_changed()
                         nursery.cancel_scope.cancel()
 
                     async def notified() -> None:
                         await self._wake.wait()
                         nursery.cancel_scope.cancel()
 
-                    nursery.start_soon(node_changed)
+                    nursery.start_soon(node_changed, seen)
                     nursery.start_soon(notified)
