@@ -6,6 +6,7 @@ does (the spec untouched, the whole status replaced), can fail or drop the field
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ class StatusClaims(MemoryClaims):
         self.drops = False
         self.status_writes = 0
 
-    async def update_claim_status(self, obj: dict[str, Any]) -> dict[str, Any]:
+    async def update_claim_status(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         if self.failing:
             raise KubeUnavailable("update the status: connection refused")
         meta = obj["metadata"]
