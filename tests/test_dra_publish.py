@@ -310,3 +310,20 @@ async def test_a_server_that_drops_taints_is_caught_on_read_back(
         nursery.cancel_scope.cancel()
     drops = [r for r in caplog.records if "drops device taints" in r.getMessage()]
     assert len(drops) == 1
+
+
+async def test_a_server_gaining_taints_is_noticed_at_the_resync(
+    server: ApiServer, client: KubeClient
+) -> None:
+    server.store.features.discard(TAINTS)
+    node = Node(inputs_for("hgx-h200", gpu_problems={3: "XID 79"}))
+    pub = publisher(client, node, resync_s=0.1)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(pub.run)
+        assert pub.taints is False and "gpu-3" not in device_taints(server)
+        server.store.features.add(TAINTS)  # the API server was upgraded
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.taints is True and p.writes >= 2)
+        assert device_taints(server)["gpu-3"][0][0] == "gpu.nvswitch-dp.io/gpu-fault"
+        nursery.cancel_scope.cancel()

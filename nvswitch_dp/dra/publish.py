@@ -30,7 +30,8 @@ current :class:`~nvswitch_dp.dra.slices.PoolInputs`, and writes only when they d
   supports_device_taints`; nothing is stored). Every write is read back too: a server
   that drops the taints of a slice we sent (``DRADeviceTaints`` turned off, a downgrade)
   switches the publisher to leaving devices out, and the round is redone at once, so no
-  sick device stays published untainted longer than one write. Said once in the log.
+  sick device stays published untainted longer than one write. Said once in the log. A
+  server without taints is asked again at every resync (it may have been upgraded).
 - **resync**: with no node change a round still runs every ``resync_s`` (a read, and a
   write only if someone changed or removed our slices).
 
@@ -158,6 +159,8 @@ class PoolPublisher:
             raise ValueError("min_interval_s must be >= 0")
         self._min_interval_s = min_interval_s
         self.taints = taints
+        self._ask_taints = taints is None  # False from the caller: never taint, never ask
+        self._reprobe = False
         self.problem: str | None = "ResourceSlices not published yet"
         self.generation = 0
         self.writes = 0
@@ -178,9 +181,10 @@ class PoolPublisher:
         """One round for ``inputs``: read, compare, write what differs, delete the stale.
         True when it wrote. Raises :class:`~nvswitch_dp.dra.kube.KubeError` (a
         :class:`~nvswitch_dp.dra.kube.SliceConflict` only once the re-reads ran out)."""
-        if self.taints is None:
+        if self.taints is None or self._reprobe:
             probe = taint_probe(inputs.node_name, inputs.driver)
             answer = await self._store.dry_run_create_slice(probe)
+            self._reprobe = False
             self._set_taints(not taints_dropped(probe, answer))
         for _ in range(self._conflict_retries + 2):
             existing = await self._store.list_slices(inputs.node_name, inputs.driver)
@@ -290,5 +294,8 @@ class PoolPublisher:
             if wrote and self._min_interval_s > 0:
                 # Coalesce a burst: what changes meanwhile goes out in the next round.
                 await trio.sleep(self._min_interval_s)
-            with trio.move_on_after(self._resync_s if self._resync_s > 0 else math.inf):
+            with trio.move_on_after(self._resync_s if self._resync_s > 0 else math.inf) as resync:
                 node_change = await self._wait_for_change(node_change)
+            if resync.cancelled_caught and self.taints is False and self._ask_taints:
+                # An upgraded API server (or the gate turned on) is noticed at a resync.
+                self._reprobe = True
