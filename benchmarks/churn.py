@@ -9,6 +9,17 @@ begin_deactivation + deactivated). A request is refused when no partition of its
 available; a *fragmentation refusal* is one refused while at least that many GPUs were
 free, i.e. a refusal a better placement could have avoided.
 
+**DRA mode** (``dra`` rows): the scheduler places each request itself. The pool is built
+by the daemon's own code (:func:`~nvswitch_dp.dra.slices.build_pool`, devices listed in
+:func:`~nvswitch_dp.partitions.policy.placement_order` for what is free) and the
+scheduler stand-in (:mod:`nvswitch_dp.testing.dra_allocator`, first fit in listed order
+over shared counters, as kube-scheduler's structured allocator) allocates a one-device
+claim of the requested size from it. ``dra`` sees the pool re-published after every
+change; ``dra, stale L`` sees it re-published at most every ``L`` time units (``--lag``;
+mean lifetime 1), the allocator still counting every allocation, as the real scheduler
+does: ``off-policy`` counts the placements that differ from what the policy would have
+chosen at that moment.
+
 Every policy sees the same arrivals, sizes and lifetimes (one trace per table, drawn from
 ``--seed``), so differences come from placement alone. Tables: HGX H200 8-GPU and HGX
 A100 16-GPU, from :mod:`nvswitch_dp.fabric.platforms`.
@@ -16,6 +27,7 @@ A100 16-GPU, from :mod:`nvswitch_dp.fabric.platforms`.
 Usage::
 
     python benchmarks/churn.py [--seed N] [--events N] [--load F] [--mix 1:4,2:3,4:2,8:1]
+                               [--lag L]
 
 Prints a Markdown table on stdout. Errors: bad arguments exit with status 2 (argparse).
 """
@@ -23,6 +35,7 @@ Prints a Markdown table on stdout. Errors: bad arguments exit with status 2 (arg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import math
 import random
@@ -32,17 +45,22 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from nvswitch_dp.controller import GpuSlot
+from nvswitch_dp.dra.slices import DEFAULT_DRIVER, PoolInputs, build_pool, partition_device_name
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.partitions.policy import (
     FIRST_FIT,
     KEEP_LARGEST,
     Policy,
+    gpu_order,
     parse_device,
+    placement_order,
     preferred_allocation,
     random_fit,
 )
 from nvswitch_dp.partitions.state import PartitionBook
 from nvswitch_dp.partitions.table import PartitionTable
+from nvswitch_dp.testing.dra_allocator import Allocator, partition_claim
 
 TABLES = ("hgx-h200", "hgx-a100-16")
 DEFAULT_MIX = "1:4,2:3,4:2,8:1"
@@ -66,6 +84,7 @@ class Outcome:
     busy_gpu_time: float = 0.0
     horizon: float = 0.0
     gpus: int = 0
+    off_policy: int | None = None  # DRA mode: placements other than the policy's choice
 
     @property
     def utilisation(self) -> float:
@@ -107,8 +126,95 @@ def make_trace(
     return trace
 
 
-def simulate(table: PartitionTable, trace: Sequence[Request], policy: Policy) -> Outcome:
-    """Run ``trace`` on a fresh book of ``table`` with ``policy``; the book holds the state."""
+Chooser = Callable[[PartitionBook, Request, float], "int | None"]
+
+
+def device_plugin_chooser(table: PartitionTable, policy: Policy) -> Chooser:
+    """The device-plugin path: the kubelet offers the Healthy partitions of the size,
+    GetPreferredAllocation (the policy) picks one."""
+
+    def choose(book: PartitionBook, request: Request, now: float) -> int | None:
+        # The kubelet offers what ListAndWatch reported Healthy for this resource, less
+        # what it already gave to pods.
+        offered = [
+            p.device_id
+            for p in table.of_size(request.size)
+            if book.healthy(p.partition_id) and not book.in_use(p.partition_id)
+        ]
+        answer = preferred_allocation(book, offered, [], 1, policy=policy)
+        return parse_device(answer[0], table) if answer else None
+
+    return choose
+
+
+class DraChooser:
+    """The DRA path: the scheduler stand-in allocates from the pool as last published.
+
+    The pool is re-published (built again in the policy's order for what is free) when
+    ``lag`` time has passed since the last publication and the order changed; ``lag`` 0
+    re-publishes after every change. Counts the placements that differ from the
+    policy's own choice at that moment."""
+
+    def __init__(self, table: PartitionTable, platform_name: str, policy: Policy, lag: float):
+        self.table = table
+        self.policy = policy
+        self.lag = lag
+        p = platform(platform_name)
+        self.base = PoolInputs(
+            "node",
+            DEFAULT_DRIVER,
+            platform_name,
+            table,
+            {
+                m: GpuSlot(m, address, 40 + m, p.numa_node(m))
+                for m, address in p.module_map().items()
+            },
+            {},
+            {},
+        )
+        self.published: Allocator | None = None
+        self.published_at = -math.inf
+        self.order: tuple[int, ...] = ()
+        self.cache: dict[tuple[int, ...], Allocator] = {}
+        self.off_policy = 0
+        self.republished = 0
+        self.choose_policy = device_plugin_chooser(table, policy)
+
+    def _publish(self, free: frozenset[int], now: float) -> Allocator:
+        order = placement_order(self.table, free, policy=self.policy)
+        if self.published is None or (order != self.order and now - self.published_at >= self.lag):
+            pool = self.cache.get(order)
+            if pool is None:
+                inputs = dataclasses.replace(
+                    self.base,
+                    order=order,
+                    gpu_order=gpu_order(self.table, free, policy=self.policy),
+                )
+                pool = self.cache[order] = Allocator.from_slices(build_pool(inputs, 1))
+            self.published, self.order, self.published_at = pool, order, now
+            self.republished += 1
+        return self.published
+
+    def __call__(self, book: PartitionBook, request: Request, now: float) -> int | None:
+        pool = self._publish(book.available_ids(), now)
+        # The scheduler counts every allocated claim, published order or not.
+        allocator = Allocator(
+            pool.devices,
+            pool.capacity,
+            {partition_device_name(pid) for pid in self.table.ids if book.in_use(pid)},
+        )
+        found = allocator.allocate(partition_claim(request.size))
+        if found is None:
+            return None
+        pid = parse_device(found[0], self.table)
+        if pid != self.choose_policy(book, request, now):
+            self.off_policy += 1
+        return pid
+
+
+def simulate(table: PartitionTable, trace: Sequence[Request], choose: Chooser) -> Outcome:
+    """Run ``trace`` on a fresh book of ``table``, placing with ``choose``; the book
+    holds the state."""
     book = PartitionBook(table)
     all_gpus = len(table.module_ids)
     outcome = Outcome(gpus=all_gpus)
@@ -133,22 +239,13 @@ def simulate(table: PartitionTable, trace: Sequence[Request], policy: Policy) ->
             occupied_gpus -= table[pid].size
         advance(request.arrival)
         outcome.requests += 1
-        # The kubelet offers what ListAndWatch reported Healthy for this resource, less
-        # what it already gave to pods.
-        offered = [
-            p.device_id
-            for p in table.of_size(request.size)
-            if book.healthy(p.partition_id) and not book.in_use(p.partition_id)
-        ]
-        answer = preferred_allocation(book, offered, [], 1, policy=policy)
-        if not answer:
+        chosen = choose(book, request, request.arrival)
+        if chosen is None:
             outcome.refused += 1
             outcome.refused_by_size[request.size] += 1
             if all_gpus - occupied_gpus >= request.size:
                 outcome.fragmentation_refused += 1
             continue
-        chosen = parse_device(answer[0], table)
-        assert chosen is not None  # offered holds only the table's own IDs
         book.claim(chosen)
         book.activated(chosen)
         busy += request.size
@@ -168,8 +265,8 @@ def policies(seed: int) -> list[Callable[[], Policy]]:
 
 
 def render(rows: list[tuple[str, str, Outcome]], sizes: Sequence[int]) -> str:
-    head = ["table", "policy", "requests", "refused", "fragmentation refusals"]
-    head += [f"refused {s}x" for s in sizes] + ["utilisation"]
+    head = ["table", "placement", "requests", "refused", "fragmentation refusals"]
+    head += [f"refused {s}x" for s in sizes] + ["utilisation", "off-policy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for table, name, o in rows:
 
@@ -179,6 +276,7 @@ def render(rows: list[tuple[str, str, Outcome]], sizes: Sequence[int]) -> str:
         cells = [table, name, str(o.requests), pct(o.refused), pct(o.fragmentation_refused)]
         cells += [str(o.refused_by_size[s]) for s in sizes]
         cells.append(f"{100 * o.utilisation:.1f}%")
+        cells.append("" if o.off_policy is None else pct(o.off_policy))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -193,9 +291,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--mix", type=parse_mix, default=parse_mix(DEFAULT_MIX), help="SIZE:WEIGHT,..."
     )
+    parser.add_argument(
+        "--lag",
+        type=float,
+        default=0.05,
+        help="DRA: least time between two publications of the pool for the 'stale' row "
+        "(mean lifetime 1; default 0.05)",
+    )
     args = parser.parse_args(argv)
     if args.events < 1 or not math.isfinite(args.load) or args.load <= 0:
         parser.error("--events must be >= 1 and --load > 0")
+    if not math.isfinite(args.lag) or args.lag < 0:
+        parser.error("--lag must be >= 0")
 
     started = time.perf_counter()
     rows: list[tuple[str, str, Outcome]] = []
@@ -208,7 +315,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for make in policies(args.seed):
             policy = make()
-            rows.append((name, policy.name, simulate(table, trace, policy)))
+            chooser = device_plugin_chooser(table, policy)
+            rows.append((name, policy.name, simulate(table, trace, chooser)))
+        for dra_policy, lag, label in (
+            (FIRST_FIT, 0.0, "dra, by FM ID (before)"),
+            (KEEP_LARGEST, 0.0, f"dra ({KEEP_LARGEST.name})"),
+            (KEEP_LARGEST, args.lag, f"dra, stale {args.lag:g}"),
+        ):
+            dra = DraChooser(table, name, dra_policy, lag)
+            outcome = simulate(table, trace, dra)
+            outcome.off_policy = dra.off_policy
+            rows.append((name, label, outcome))
     mix = ", ".join(f"{s}x:{w:g}" for s, w in args.mix.items())
     print(
         f"Churn: seed {args.seed}, {args.events} arrivals per table, offered load "

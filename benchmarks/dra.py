@@ -140,7 +140,8 @@ def main() -> int:
         f"{percentile(unprepares, 99):.2f} |"
     )
     print(
-        f"| GPU fault (VFIO node removed) to a slice without its partitions, median / max "
+        "| GPU fault (VFIO node removed) to a slice that stops offering its partitions "
+        f"(tainted, or left out), median / max "
         f"(ms, {args.faults} faults) | {statistics.median(faults):.1f} / {max(faults):.1f} |"
     )
     print(

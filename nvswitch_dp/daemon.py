@@ -532,6 +532,7 @@ async def run_dra_daemon(
     """
     from nvswitch_dp.dra.cdi import CdiDirectory
     from nvswitch_dp.dra.checkpoint import Checkpoint, CheckpointError
+    from nvswitch_dp.dra.claim_status import ClaimStatusWriter
     from nvswitch_dp.dra.driver import DraDriver
     from nvswitch_dp.dra.holder import ControllerHolder
     from nvswitch_dp.dra.kube import KubeClient, KubeConfigError, load_config
@@ -658,6 +659,17 @@ async def run_dra_daemon(
         )
         publisher = PoolPublisher(kube, source.inputs, source.wait_for_change)
         await nursery.start(publisher.run)
+        claim_status = ClaimStatusWriter(
+            kube,
+            driver=dra.driver_name,
+            pool=node_name,
+            gpus=controller.layout.gpus,
+            prepared=lambda: driver.prepared,
+            view=controller.view,
+            wait_changed=controller.wait_changed,
+        )
+        driver.on_change = claim_status.notify
+        await nursery.start(claim_status.run)
         await nursery.start(
             partial(
                 serve_dra_plugin,

@@ -117,6 +117,7 @@ def test_rbac_is_exactly_the_least_privilege(dra: list[Doc], pod: Doc) -> None:
     }
     assert rules == {
         ("resource.k8s.io", "resourceclaims", frozenset({"get"})),
+        ("resource.k8s.io", "resourceclaims/status", frozenset({"update"})),
         (
             "resource.k8s.io",
             "resourceslices",

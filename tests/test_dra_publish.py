@@ -15,7 +15,7 @@ from nvswitch_dp.dra.kube import KubeClient
 from nvswitch_dp.dra.publish import PoolPublisher
 from nvswitch_dp.dra.slices import PoolInputs, build_pool, without_generation
 from nvswitch_dp.dra.validation import check_pool
-from nvswitch_dp.testing.apiserver import ApiServer
+from nvswitch_dp.testing.apiserver import TAINTS, ApiServer
 
 TOKEN = "publisher-test-token"
 DEVICES = "node-a-gpu-nvswitch-dp-io-devices-0"
@@ -72,6 +72,7 @@ def publisher(client: KubeClient, node: Node, *, resync_s: float = 60.0) -> Pool
         backoff_first_s=0.02,
         backoff_cap_s=0.1,
         resync_s=resync_s,
+        min_interval_s=0.02,
     )
 
 
@@ -80,21 +81,25 @@ def pool_in(server: ApiServer) -> list[dict[str, Any]]:
 
 
 def assert_matches(server: ApiServer, inputs: PoolInputs, generation: int) -> None:
+    """The pool in the server is the builder's, tainted where the server keeps taints."""
+    taints = TAINTS in server.store.features
     stored = pool_in(server)
     assert check_pool(stored) == []
     assert [without_generation(s) for s in stored] == [
-        without_generation(s) for s in build_pool(inputs, generation)
+        without_generation(s) for s in build_pool(inputs, generation, taints=taints)
     ]
     assert {s["spec"]["pool"]["generation"] for s in stored} == {generation}
 
 
 async def test_publishes_then_follows_a_gpu_fault(server: ApiServer, client: KubeClient) -> None:
+    server.store.features.discard(TAINTS)  # a server without device taints
     node = Node(inputs_for("hgx-h200"))
     pub = publisher(client, node)
     async with trio.open_nursery() as nursery:
         with trio.fail_after(10):
             await nursery.start(pub.run)
         assert pub.problem is None and pub.generation == 1 and pub.writes == 1
+        assert pub.taints is False
         assert_matches(server, node.inputs, 1)
         node.change(gpu_problems={3: "XID 79"})
         with trio.fail_after(10):
@@ -131,6 +136,7 @@ async def test_restart_with_equal_content_writes_nothing(
 async def test_stale_slices_are_removed_and_others_kept(
     server: ApiServer, client: KubeClient
 ) -> None:
+    server.store.features.discard(TAINTS)  # drained GPUs leave the pool
     node = Node(inputs_for("hgx-h200"))
     old = build_pool(inputs_for("hgx-h200"), 5)[1]
     old["metadata"]["name"] = "node-a-left-by-an-old-version"
@@ -222,4 +228,102 @@ async def test_resync_restores_a_deleted_slice(server: ApiServer, client: KubeCl
         with trio.fail_after(10):
             await pub.wait_until(lambda p: p.writes == 2)
         assert_matches(server, node.inputs, 2)
+        nursery.cancel_scope.cancel()
+
+
+def device_taints(server: ApiServer) -> dict[str, list[tuple[str, str, str]]]:
+    """Device name -> its taints (key, value, effect), for every device published."""
+    return {
+        d["name"]: [(t["key"], t["value"], t["effect"]) for t in d.get("taints") or []]
+        for s in pool_in(server)
+        for d in s["spec"].get("devices") or []
+    }
+
+
+async def test_devices_with_problems_are_tainted_where_the_server_keeps_taints(
+    server: ApiServer, client: KubeClient
+) -> None:
+    node = Node(inputs_for("hgx-h200"))
+    pub = publisher(client, node)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(pub.run)
+        assert pub.taints is True and pub.writes == 1
+        assert not any(device_taints(server).values())
+        node.change(gpu_problems={3: "XID 79"}, partition_problems={6: "NVLink training failed"})
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.generation == 2)
+        assert_matches(server, node.inputs, 2)
+        taints = device_taints(server)
+        fault = ("gpu.nvswitch-dp.io/gpu-fault", "modules-3", "NoSchedule")
+        # Every device holding GPU 3 stays, tainted; so does partition 6, for its own fault.
+        assert taints["gpu-3"] == [("gpu.nvswitch-dp.io/gpu-fault", "xid-79", "NoSchedule")]
+        assert taints["partition-1"] == [fault] and taints["partition-0"] == [fault]
+        assert taints["partition-9"] == [fault]
+        assert taints["partition-6"] == [
+            ("gpu.nvswitch-dp.io/partition-fault", "nvlink-training-failed", "NoSchedule")
+        ]
+        assert taints["partition-2"] == [] and taints["gpu-5"] == []
+        # The server stamped timeAdded; an equal pool still writes nothing.
+        assert all(
+            t.get("timeAdded")
+            for s in pool_in(server)
+            for d in s["spec"].get("devices") or []
+            for t in d.get("taints") or []
+        )
+        node.change(gpu_problems={3: "XID 79"}, partition_problems={})
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.generation == 3)
+        writes = pub.writes
+        node.change(gpu_problems={3: "XID 79"})
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.rounds >= 4)
+        assert pub.writes == writes
+        node.change(gpu_problems={})
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.generation == 4)
+        assert not any(device_taints(server).values())
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_server_that_drops_taints_is_caught_on_read_back(
+    server: ApiServer, client: KubeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The probe said yes, then the gate went off (a downgrade): the write's answer lacks
+    the taints, so the round is redone with the sick devices left out."""
+    node = Node(inputs_for("hgx-h200"))
+    pub = publisher(client, node)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(pub.run)
+        assert pub.taints is True
+        server.store.features.discard(TAINTS)
+        node.change(gpu_problems={3: "XID 79"})
+        with trio.fail_after(10):
+            await pub.wait_until(
+                lambda p: p.taints is False and p.problem is None and p.rounds >= 2
+            )
+        names = set(device_taints(server))
+        assert not {"gpu-3", "partition-0", "partition-1", "partition-9"} & names
+        assert "partition-2" in names
+        assert_matches(server, node.inputs, pub.generation)
+        nursery.cancel_scope.cancel()
+    drops = [r for r in caplog.records if "drops device taints" in r.getMessage()]
+    assert len(drops) == 1
+
+
+async def test_a_server_gaining_taints_is_noticed_at_the_resync(
+    server: ApiServer, client: KubeClient
+) -> None:
+    server.store.features.discard(TAINTS)
+    node = Node(inputs_for("hgx-h200", gpu_problems={3: "XID 79"}))
+    pub = publisher(client, node, resync_s=0.1)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(pub.run)
+        assert pub.taints is False and "gpu-3" not in device_taints(server)
+        server.store.features.add(TAINTS)  # the API server was upgraded
+        with trio.fail_after(10):
+            await pub.wait_until(lambda p: p.taints is True and p.writes >= 2)
+        assert device_taints(server)["gpu-3"][0][0] == "gpu.nvswitch-dp.io/gpu-fault"
         nursery.cancel_scope.cancel()

@@ -131,6 +131,19 @@ def test_every_slice_passes_strict_schema_validation(name: str) -> None:
         build_pool(inputs_for(name, gpu_problems={2: "fault"}, partition_problems={1: "FM"}), 7),
         build_pool(inputs_for(name, gpu_problems={m: "drained" for m in range(1, 17)}), 2),
     ]
+    # Tainted: every problem kind at once, on every device of the table.
+    every = {
+        m: ("drained by an operator" if m % 2 else "XID 79: fallen off the bus")
+        for m in range(1, 17)
+    }
+    problems = {1: "Fabric Manager is restarting: x", 2: "shares a GPU with partition 0, y"}
+    problems[3] = "a very long NVLink training failure " * 5
+    tainted = build_pool(
+        inputs_for(name, gpu_problems=every, partition_problems=problems), 3, taints=True
+    )
+    assert all(d.get("taints") for s in tainted for d in s["spec"].get("devices") or [])
+    assert_published_rules(tainted)
+    cases.append(tainted)
     for slices in cases:
         for s in slices:
             for version in K8S_VERSIONS:
@@ -434,3 +447,14 @@ def test_random_claims_hold_disjoint_partitions(name: str, steps: list[tuple[str
         assert_disjoint(table, [pid for _, pid in claims])
     held = [pid for _, pid in claims]
     assert_free_allocatable(table, slices, allocator, held)
+
+
+def test_taint_rules_are_checked() -> None:
+    slices = build_pool(inputs_for("hgx-h200", gpu_problems={3: "XID 79"}), 2, taints=True)
+    device = next(d for d in slices[1]["spec"]["devices"] if d.get("taints"))
+    assert check_slice(slices[1]) == []
+    device["taints"] = [{"key": "bad key", "value": "x" * 64, "effect": "PreferNoSchedule"}] * 17
+    fields = {c.field for c in check_slice(slices[1])}
+    index = slices[1]["spec"]["devices"].index(device)
+    where = f"spec.devices[{index}].taints"
+    assert {where, f"{where}[0].key", f"{where}[0].value", f"{where}[0].effect"} <= fields

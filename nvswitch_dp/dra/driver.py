@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -313,6 +313,9 @@ class DraDriver:
         self._locks: dict[str, trio.Lock] = {}
         self._checkpoint_lock = trio.Lock()
         self._started = False
+        # Called (synchronously, must not raise) whenever a claim is prepared or dropped:
+        # the claim-status writer's notify. Keeps status writes off Prepare's path.
+        self.on_change: Callable[[], None] = lambda: None
 
     @property
     def pool(self) -> str:
@@ -563,6 +566,7 @@ class DraDriver:
                 claims[claim_uid] = entry
             await trio.to_thread.run_sync(self.checkpoint.save, claims)
             self._prepared = claims
+        self.on_change()
 
     async def _forget_quietly(self, claim_uid: str) -> None:
         if claim_uid not in self._prepared:

@@ -38,7 +38,7 @@ from typing import Any, cast
 
 import httpx2
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
-from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
+from lightkube.resources.resource_v1 import ResourceClaim, ResourceClaimStatus, ResourceSlice
 
 from nvswitch_dp.dra import errors
 
@@ -240,6 +240,17 @@ class KubeClient:
             raise self._failure(call, exc) from exc
         return _as_dict(created)
 
+    async def dry_run_create_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create ``obj`` with ``dryRun=All`` (validated, admitted, not stored); the object as
+        the server would have stored it. What a server without a feature drops is missing
+        from the answer."""
+        call = f"create ResourceSlice {obj['metadata']['name']} (dry run)"
+        try:
+            created = await self._client.create(_slice_model(obj), dry_run=True)
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise self._failure(call, exc) from exc
+        return _as_dict(created)
+
     async def update_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Replace the slice named in ``obj`` (PUT); ``obj['metadata']['resourceVersion']``
         must be the one last read. :class:`SliceConflict` when it is stale."""
@@ -258,6 +269,21 @@ class KubeClient:
             if isinstance(exc, httpx2.HTTPStatusError) and exc.response.status_code == 404:
                 return
             raise self._failure(f"delete ResourceSlice {name}", exc) from exc
+
+    async def update_claim_status(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace the status of the ResourceClaim ``obj`` names (PUT ``.../status``;
+        ``metadata.resourceVersion`` must be the one read). :class:`SliceConflict` on 409
+        (the name is historical: any stale write), :class:`ClaimNotFound` on 404."""
+        meta = obj["metadata"]
+        call = f"update the status of ResourceClaim {meta['namespace']}/{meta['name']}"
+        try:
+            model = cast(ResourceClaimStatus, ResourceClaimStatus.from_dict(dict(obj)))
+            replaced = await self._client.replace(model, meta["name"], namespace=meta["namespace"])
+        except (httpx2.HTTPError, ValueError) as exc:
+            if isinstance(exc, httpx2.HTTPStatusError) and exc.response.status_code == 404:
+                raise ClaimNotFound(meta["namespace"], meta["name"]) from exc
+            raise self._failure(call, exc) from exc
+        return cast(dict[str, Any], replaced.to_dict())
 
     async def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
         """The ResourceClaim ``namespace/name`` as a dict (this is the

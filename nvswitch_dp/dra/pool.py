@@ -3,7 +3,9 @@
 :func:`pool_inputs` turns the node machine's picture
 (:class:`~nvswitch_dp.partitions.node.NodeView`)
 and the node's fixed facts (:class:`~nvswitch_dp.controller.NodeLayout`) into
-:class:`~nvswitch_dp.dra.slices.PoolInputs`. The rules, and why:
+:class:`~nvswitch_dp.dra.slices.PoolInputs`. A device with a problem "leaves the pool"
+below: it is left out, or, where the API server keeps device taints, published with a
+``NoSchedule`` taint saying why (:mod:`nvswitch_dp.dra.slices`). The rules, and why:
 
 - **GPU problems** (the GPU, and every partition and per-GPU device containing it, leave
   the pool): a hardware or VFIO fault of the GPU (``module_faults``), and a drained GPU.
@@ -26,6 +28,13 @@ and the node's fixed facts (:class:`~nvswitch_dp.controller.NodeLayout`) into
     activated until it answers, so nothing new is offered; claimed partitions stay, their
     GPUs are still the VMs'.
 
+**Order** (why a change of what is prepared re-publishes the pool): the scheduler takes
+the first device that fits in the order the slice lists them, so the devices are listed
+in the allocation policy's order for what is free now
+(:func:`~nvswitch_dp.partitions.policy.placement_order`, ``gpu_order``): first fit over
+the list is the policy's choice. A claim allocated before the pool catches up with the
+previous one is still correct (the counters see to that), only placed by an older order.
+
 A per-GPU device stays unless its GPU has a problem; it loses the ``partition<N>x``
 attribute of every partition with a problem (see :mod:`nvswitch_dp.dra.slices`), so a
 constrained KubeVirt claim can only land on a usable partition.
@@ -39,11 +48,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nvswitch_dp.controller import NodeLayout
-from nvswitch_dp.dra.slices import PoolInputs
+from nvswitch_dp.dra.slices import DRAINED, FABRIC_PREFIX, OCCUPIED_PREFIX, PoolInputs
 from nvswitch_dp.partitions.node import FabricStatus, NodeView
+from nvswitch_dp.partitions.policy import KEEP_LARGEST, Policy, gpu_order, placement_order
 from nvswitch_dp.partitions.state import Phase
 
-DRAINED = "drained by an operator"
+__all__ = ["DRAINED", "PoolSource", "pool_inputs"]
 
 
 def _occupied(view: NodeView, partition_id: int) -> bool:
@@ -52,9 +62,16 @@ def _occupied(view: NodeView, partition_id: int) -> bool:
 
 
 def pool_inputs(
-    view: NodeView, layout: NodeLayout, *, node_name: str, driver: str, platform: str
+    view: NodeView,
+    layout: NodeLayout,
+    *,
+    node_name: str,
+    driver: str,
+    platform: str,
+    policy: Policy = KEEP_LARGEST,
 ) -> PoolInputs:
-    """The pool the node offers at ``view``'s generation (see the module docstring)."""
+    """The pool the node offers at ``view``'s generation (see the module docstring),
+    its devices listed in ``policy``'s order for what is free now."""
     table = view.table
     gpu_problems: dict[int, str] = dict(view.module_faults)
     for module in sorted(view.drained_modules):
@@ -64,7 +81,7 @@ def pool_inputs(
     fabric = (
         None
         if view.fabric is FabricStatus.UP
-        else f"Fabric Manager is {view.fabric.value}: {view.fabric_problem or 'no answer'}"
+        else f"{FABRIC_PREFIX}{view.fabric.value}: {view.fabric_problem or 'no answer'}"
     )
     partition_problems: dict[int, str] = {}
     for pid in table.ids:
@@ -78,9 +95,17 @@ def pool_inputs(
             partition_problems[pid] = fault
         elif blockers:
             partition_problems[pid] = (
-                f"shares a GPU with partition {blockers[0]}, which is "
+                f"{OCCUPIED_PREFIX}{blockers[0]}, which is "
                 f"{view.partitions[blockers[0]].state.value} without a claim"
             )
+    # What the scheduler can still allocate, as far as the node knows: available in the
+    # node's book (nothing held or occupied shares a GPU with it) and in the pool.
+    free = frozenset(
+        pid
+        for pid in view.available_ids()
+        if pid not in partition_problems
+        and all(m in layout.gpus and m not in gpu_problems for m in table[pid].module_ids)
+    )
     return PoolInputs(
         node_name=node_name,
         driver=driver,
@@ -89,6 +114,8 @@ def pool_inputs(
         gpus=layout.gpus,
         gpu_problems=gpu_problems,
         partition_problems=partition_problems,
+        order=placement_order(table, free, policy=policy),
+        gpu_order=gpu_order(table, free, policy=policy),
     )
 
 
@@ -108,6 +135,7 @@ class PoolSource:
     node_name: str
     driver: str
     platform: str
+    policy: Policy = KEEP_LARGEST
     _last: PoolInputs | None = None
     _changes: int = 0
 
@@ -119,12 +147,15 @@ class PoolSource:
             node_name=self.node_name,
             driver=self.driver,
             platform=self.platform,
+            policy=self.policy,
         )
         last = self._last
         if (
             last is None
             or last.gpu_problems != current.gpu_problems
             or last.partition_problems != current.partition_problems
+            or last.order != current.order
+            or last.gpu_order != current.gpu_order
         ):
             self._last = current
             self._changes += 1

@@ -17,6 +17,21 @@ current :class:`~nvswitch_dp.dra.slices.PoolInputs`, and writes only when they d
   (for ``/readyz``), and the round is retried after a backoff that doubles from
   ``backoff_first_s`` up to ``backoff_cap_s``, from fresh inputs. Nothing else is touched:
   prepared claims and the partitions they hold are none of the publisher's business.
+- **bursts**: a change (a claim prepared changes the order the devices are listed in)
+  is published at once, but a round that wrote is followed by at least
+  ``min_interval_s`` before the next one, and the next one reads the inputs as they
+  are then: a burst of changes costs one write per ``min_interval_s``, not one per
+  change (measured: ``tests/test_dra_placement_e2e.py`` reports the writes of a burst of
+  50 Prepares). A round whose inputs equal what the API server holds writes nothing.
+- **taints**: devices with a problem are published tainted (``NoSchedule``, the key and
+  value saying why) where the API server keeps device taints, and left out where it does
+  not (:mod:`nvswitch_dp.dra.slices`). Which it is, is asked before the first write: a
+  dry-run create of a probe slice with one tainted device (:meth:`SliceStore.
+  supports_device_taints`; nothing is stored). Every write is read back too: a server
+  that drops the taints of a slice we sent (``DRADeviceTaints`` turned off, a downgrade)
+  switches the publisher to leaving devices out, and the round is redone at once, so no
+  sick device stays published untainted longer than one write. Said once in the log. A
+  server without taints is asked again at every resync (it may have been upgraded).
 - **resync**: with no node change a round still runs every ``resync_s`` (a read, and a
   write only if someone changed or removed our slices).
 
@@ -34,13 +49,23 @@ from typing import Any, Protocol
 import trio
 
 from nvswitch_dp.dra.kube import KubeError, SliceConflict
-from nvswitch_dp.dra.slices import PoolInputs, build_pool, without_generation
+from nvswitch_dp.dra.slices import (
+    API_VERSION,
+    KIND,
+    PoolInputs,
+    build_pool,
+    comparable_spec,
+    slice_name,
+    taints_dropped,
+    without_generation,
+)
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 30.0  # an outage of the API server is retried at least this often
 RESYNC_S = 60.0
+MIN_INTERVAL_S = 0.5  # between two rounds that write: bounds the writes of a burst
 CONFLICT_RETRIES = 5
 
 
@@ -58,9 +83,39 @@ class SliceStore(Protocol):
 
     async def delete_slice(self, name: str) -> None: ...
 
+    async def dry_run_create_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create ``obj`` with ``dryRun=All``: validated, admitted and answered as the server
+        would store it, but not stored."""
+        ...
+
 
 def _generation(obj: Mapping[str, Any]) -> int:
     return int(obj["spec"]["pool"]["generation"])
+
+
+TAINT_PROBE_SUFFIX = "taint-probe"
+
+
+def taint_probe(node_name: str, driver: str) -> dict[str, Any]:
+    """The slice the taint probe dry-runs: this node's, this driver's, one tainted device."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": slice_name(node_name, driver, TAINT_PROBE_SUFFIX)},
+        "spec": {
+            "driver": driver,
+            "pool": {"name": node_name, "generation": 0, "resourceSliceCount": 1},
+            "nodeName": node_name,
+            "devices": [
+                {
+                    "name": "probe",
+                    "taints": [
+                        {"key": f"{driver}/probe", "value": "probe", "effect": "NoSchedule"}
+                    ],
+                }
+            ],
+        },
+    }
 
 
 class PoolPublisher:
@@ -73,7 +128,9 @@ class PoolPublisher:
     Observable state (read by ``/readyz``, metrics and tests): ``problem`` (``None`` once
     the pool in the API server matches the node), ``generation`` (the pool generation last
     seen or written), ``writes`` (rounds that wrote), ``rounds`` (rounds finished, either
-    way). :meth:`wait_until` waits for a condition on them.
+    way), ``taints`` (whether devices with problems are published tainted: ``None``
+    until the server was asked; pass ``False`` to never taint). :meth:`wait_until` waits
+    for a condition on them.
     """
 
     def __init__(
@@ -86,6 +143,8 @@ class PoolPublisher:
         backoff_cap_s: float = BACKOFF_CAP_S,
         resync_s: float = RESYNC_S,
         conflict_retries: int = CONFLICT_RETRIES,
+        min_interval_s: float = MIN_INTERVAL_S,
+        taints: bool | None = None,
     ) -> None:
         if not 0 < backoff_first_s <= backoff_cap_s:
             raise ValueError("backoff must satisfy 0 < backoff_first_s <= backoff_cap_s")
@@ -96,6 +155,12 @@ class PoolPublisher:
         self._backoff_cap_s = backoff_cap_s
         self._resync_s = resync_s
         self._conflict_retries = conflict_retries
+        if min_interval_s < 0:
+            raise ValueError("min_interval_s must be >= 0")
+        self._min_interval_s = min_interval_s
+        self.taints = taints
+        self._ask_taints = taints is None  # False from the caller: never taint, never ask
+        self._reprobe = False
         self.problem: str | None = "ResourceSlices not published yet"
         self.generation = 0
         self.writes = 0
@@ -116,10 +181,16 @@ class PoolPublisher:
         """One round for ``inputs``: read, compare, write what differs, delete the stale.
         True when it wrote. Raises :class:`~nvswitch_dp.dra.kube.KubeError` (a
         :class:`~nvswitch_dp.dra.kube.SliceConflict` only once the re-reads ran out)."""
-        for _ in range(self._conflict_retries + 1):
+        if self.taints is None or self._reprobe:
+            probe = taint_probe(inputs.node_name, inputs.driver)
+            answer = await self._store.dry_run_create_slice(probe)
+            self._reprobe = False
+            self._set_taints(not taints_dropped(probe, answer))
+        for _ in range(self._conflict_retries + 2):
             existing = await self._store.list_slices(inputs.node_name, inputs.driver)
             found = {s["metadata"]["name"]: s for s in existing}
-            wanted = build_pool(inputs, 0)
+            taints = bool(self.taints)
+            wanted = build_pool(inputs, 0, taints=taints)
             generations = {_generation(s) for s in existing}
             if (
                 len(generations) == 1
@@ -132,20 +203,32 @@ class PoolPublisher:
                 self.generation = generations.pop()
                 return False
             generation = max(generations | {self.generation}) + 1
+            dropped = False
             try:
-                for obj in build_pool(inputs, generation):
+                for obj in build_pool(inputs, generation, taints=taints):
                     name = obj["metadata"]["name"]
                     current = found.get(name)
+                    stored: dict[str, Any] | None = None
                     if current is None:
-                        await self._store.create_slice(obj)
-                    elif current["spec"] != obj["spec"]:
+                        stored = await self._store.create_slice(obj)
+                    elif comparable_spec(current["spec"]) != comparable_spec(obj["spec"]):
                         version = current["metadata"]["resourceVersion"]
                         obj["metadata"] = {"name": name, "resourceVersion": version}
-                        await self._store.update_slice(obj)
-                for name in sorted(set(found) - {w["metadata"]["name"] for w in wanted}):
-                    await self._store.delete_slice(name)
+                        stored = await self._store.update_slice(obj)
+                    if taints and stored is not None and taints_dropped(obj, stored):
+                        # Sick devices are in the API server untainted: redo at once
+                        # without them.
+                        self._set_taints(False)
+                        dropped = True
+                        break
+                if not dropped:
+                    for name in sorted(set(found) - {w["metadata"]["name"] for w in wanted}):
+                        await self._store.delete_slice(name)
             except SliceConflict as exc:
                 log.info("slice conflict, reading again", extra={"error": str(exc)})
+                continue
+            if dropped:
+                self.generation = generation
                 continue
             self.generation = generation
             self.writes += 1
@@ -158,6 +241,18 @@ class PoolPublisher:
             f"ResourceSlices of {inputs.node_name} still conflicting after "
             f"{self._conflict_retries + 1} reads: another writer keeps changing them"
         )
+
+    def _set_taints(self, supported: bool) -> None:
+        if supported == self.taints:
+            return
+        self.taints = supported
+        if supported:
+            log.info("the API server keeps device taints: devices with problems are tainted")
+        else:
+            log.warning(
+                "the API server drops device taints (DRADeviceTaints is off): devices with "
+                "problems are left out of the pool instead"
+            )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish until cancelled.
@@ -179,7 +274,7 @@ class PoolPublisher:
         while True:
             inputs = self._source()
             try:
-                await self.publish_once(inputs)
+                wrote = await self.publish_once(inputs)
             except KubeError as exc:
                 self.problem = f"ResourceSlices not published ({exc}); retrying in {delay:g} s"
                 log.warning("publishing the pool failed", extra={"error": str(exc)})
@@ -196,5 +291,11 @@ class PoolPublisher:
             if not started:
                 task_status.started()
                 started = True
-            with trio.move_on_after(self._resync_s if self._resync_s > 0 else math.inf):
+            if wrote and self._min_interval_s > 0:
+                # Coalesce a burst: what changes meanwhile goes out in the next round.
+                await trio.sleep(self._min_interval_s)
+            with trio.move_on_after(self._resync_s if self._resync_s > 0 else math.inf) as resync:
                 node_change = await self._wait_for_change(node_change)
+            if resync.cancelled_caught and self.taints is False and self._ask_taints:
+                # An upgraded API server (or the gate turned on) is noticed at a resync.
+                self._reprobe = True

@@ -19,12 +19,25 @@ tables put each GPU in three 8-GPU partitions), one attribute can name only one 
 the builder picks, per size, disjoint partitions by ascending ID (on the 16-GPU tables the
 two baseboard partitions); the others are reachable as partition devices only.
 
-Problems: a GPU with a problem (fault, drain, missing from PCI) leaves the pool, and so
-does every partition containing it; a partition with a problem leaves the pool, and the
-per-GPU devices lose its ``partition<N>x`` attribute (so no constrained claim can land on
-it). Counters stay: they describe the hardware, not its health. Leaving devices out was
-chosen over device taints because taints are a beta field behind the ``DRADeviceTaints``
-gate in 1.36, while an absent device is understood by every scheduler.
+Problems, on an API server **without device taints** (``build_pool(..., taints=False)``):
+a GPU with a problem (fault, drain, missing from PCI) leaves the pool, and so does every
+partition containing it; a partition with a problem leaves the pool. **With device
+taints** (``DRADeviceTaints``: beta in 1.36, GA target 1.37; the publisher finds out
+which, see :mod:`nvswitch_dp.dra.publish`), such a device stays, with one ``NoSchedule``
+taint per kind of problem whose key and value say why (:func:`taints_for`), so an
+operator sees *why* it cannot be allocated; the scheduler skips it unless a claim
+tolerates the taint. ``NoExecute`` is never used: we never evict a VM. A GPU missing from
+PCI leaves the pool either way (there is nothing to describe). Either way the per-GPU
+devices lose the ``partition<N>x`` attribute of a partition with a problem (so no
+constrained claim can land on it), and counters stay: they describe the hardware, not
+its health. A sick device is never published untainted.
+
+Order: the scheduler's allocator takes the first device that fits in the order a slice
+lists them, and the order of the slices within a pool is not defined (the scheduler
+gathers them through a map), so the devices go into as few slices as the limit allows
+(one on every table we know: 23 devices on HGX H200, 51 on HGX A100 16-GPU) in the order
+:class:`PoolInputs` gives: partition devices smallest size first, each size in the
+policy's order, then the per-GPU devices.
 
 Everything here is pure; :mod:`nvswitch_dp.dra.validation` holds the published limits
 this module respects.
@@ -33,6 +46,7 @@ this module respects.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,6 +65,11 @@ GPUS_PER_BASEBOARD = 8
 # Every device consumes counters, so a device slice holds at most 64 devices.
 DEVICES_PER_SLICE = validation.MAX_DEVICES_ADVANCED
 COUNTER_SETS_PER_SLICE = validation.MAX_COUNTER_SETS
+TAINT_EFFECT = "NoSchedule"
+MAX_TAINTS_PER_DEVICE = 16
+DRAINED = "drained by an operator"
+FABRIC_PREFIX = "Fabric Manager is "
+OCCUPIED_PREFIX = "shares a GPU with partition "
 COUNTERS_SLICE_SUFFIX = "counters"
 DEVICES_SLICE_SUFFIX = "devices"
 _HASH_LENGTH = 10
@@ -69,6 +88,10 @@ class PoolInputs:
     ``gpus`` maps module ID to where the GPU sits (a module of the table missing here is
     treated as a problem: it cannot be handed out). ``gpu_problems`` and
     ``partition_problems`` map a module or partition ID to why it must leave the pool.
+    ``order`` and ``gpu_order`` are the partition and module IDs in the order the devices
+    are listed (the scheduler takes the first that fits: this order *is* the placement
+    policy, see :func:`~nvswitch_dp.partitions.policy.placement_order`); IDs they leave
+    out follow by ID, so the default lists everything by ID.
     """
 
     node_name: str
@@ -78,6 +101,8 @@ class PoolInputs:
     gpus: Mapping[int, GpuSlot]
     gpu_problems: Mapping[int, str]
     partition_problems: Mapping[int, str]
+    order: tuple[int, ...] = ()
+    gpu_order: tuple[int, ...] = ()
 
 
 def baseboard_of(module_id: int) -> int:
@@ -152,6 +177,56 @@ def _consumes(modules: Sequence[int]) -> list[dict[str, Any]]:
     ]
 
 
+def _label_value(text: str) -> str:
+    """``text`` as a label value: lower case, runs of other characters as one "-", at most
+    63 characters, starting and ending alphanumeric ("unknown" if nothing is left)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[: validation.MAX_LABEL].rstrip("-") or "unknown"
+
+
+def _gpu_taint_key(driver: str, reason: str) -> str:
+    return f"{driver}/{'drained' if reason == DRAINED else 'gpu-fault'}"
+
+
+def _partition_taint(driver: str, reason: str) -> dict[str, str]:
+    if reason.startswith(FABRIC_PREFIX):
+        state = reason.removeprefix(FABRIC_PREFIX).split(":", 1)[0]
+        return {"key": f"{driver}/fabric-manager", "value": _label_value(state)}
+    if reason.startswith(OCCUPIED_PREFIX):
+        other = reason.removeprefix(OCCUPIED_PREFIX).split(",", 1)[0].split(" ", 1)[0]
+        return {"key": f"{driver}/occupied", "value": _label_value(f"partition-{other}")}
+    return {"key": f"{driver}/partition-fault", "value": _label_value(reason)}
+
+
+def taints_for(
+    inputs: PoolInputs, *, partition: Partition | None = None, module: int | None = None
+) -> list[dict[str, str]]:
+    """The ``NoSchedule`` taints of one device: a partition (one taint per kind of GPU
+    problem, value ``modules-<m>-<m>``, and one for the partition's own problem) or a GPU
+    (its problem, the value a label-value form of the reason). Keys are
+    ``<driver>/gpu-fault``, ``/drained``, ``/partition-fault``, ``/occupied`` (an
+    unclaimed occupant shares a GPU), ``/fabric-manager`` (value: its state). At most
+    5 taints, under the 16 a device may carry. Empty when the device has no problem."""
+    driver = inputs.driver
+    taints: list[dict[str, str]] = []
+    if partition is not None:
+        by_key: dict[str, list[int]] = {}
+        for m in partition.sorted_modules:
+            reason = inputs.gpu_problems.get(m)
+            if reason is not None:
+                by_key.setdefault(_gpu_taint_key(driver, reason), []).append(m)
+        for key, mods in sorted(by_key.items()):
+            value = _label_value("modules-" + "-".join(map(str, mods)))
+            taints.append({"key": key, "value": value})
+        own = inputs.partition_problems.get(partition.partition_id)
+        if own is not None:
+            taints.append(_partition_taint(driver, own))
+    elif module is not None and module in inputs.gpu_problems:
+        reason = inputs.gpu_problems[module]
+        taints.append({"key": _gpu_taint_key(driver, reason), "value": _label_value(reason)})
+    return [{**t, "effect": TAINT_EFFECT} for t in taints[:MAX_TAINTS_PER_DEVICE]]
+
+
 def _usable(p: Partition, inputs: PoolInputs) -> bool:
     return p.partition_id not in inputs.partition_problems and all(
         m in inputs.gpus and m not in inputs.gpu_problems for m in p.module_ids
@@ -199,13 +274,22 @@ def _gpu_device(
     }
 
 
+def _ordered(first: Sequence[int], every: Sequence[int]) -> list[int]:
+    """``first`` (those in ``every``, once each), then the rest of ``every`` by value."""
+    known = set(every)
+    head = list(dict.fromkeys(i for i in first if i in known))
+    return head + sorted(known - set(head))
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)] or [[]]
 
 
-def build_pool(inputs: PoolInputs, generation: int) -> list[Slice]:
+def build_pool(inputs: PoolInputs, generation: int, *, taints: bool = False) -> list[Slice]:
     """The ResourceSlices of the node's pool at ``generation``, in a fixed order (counters
     first, then devices): pure and deterministic, so equal inputs give equal slices.
+    ``taints``: publish devices with problems tainted (the API server keeps device
+    taints) instead of leaving them out (module docstring).
 
     Raises :class:`PoolError` when the table cannot be published within the limits (a
     partition over more than two baseboards, a baseboard of more than 32 GPUs) and
@@ -233,13 +317,22 @@ def build_pool(inputs: PoolInputs, generation: int) -> list[Slice]:
         for b, mods in sorted(boards.items())
     ]
     usable = {p.partition_id for p in table if _usable(p, inputs)}
+    present = {p.partition_id for p in table if all(m in inputs.gpus for m in p.module_ids)}
     chosen = gpu_partitions(table)
-    devices = [_partition_device(table[pid], inputs) for pid in sorted(usable)]
-    devices += [
-        _gpu_device(m, inputs, chosen[m], usable)
-        for m in modules
-        if m in inputs.gpus and m not in inputs.gpu_problems
-    ]
+    devices = []
+    for pid in _ordered(inputs.order, table.ids):
+        if pid in usable or (taints and pid in present):
+            device = _partition_device(table[pid], inputs)
+            if pid not in usable:
+                device["taints"] = taints_for(inputs, partition=table[pid])
+            devices.append(device)
+    for m in _ordered(inputs.gpu_order, modules):
+        if m not in inputs.gpus or (m in inputs.gpu_problems and not taints):
+            continue
+        device = _gpu_device(m, inputs, chosen[m], usable)
+        if m in inputs.gpu_problems:
+            device["taints"] = taints_for(inputs, module=m)
+        devices.append(device)
     specs: list[dict[str, Any]] = [
         {"sharedCounters": chunk} for chunk in _chunks(counter_sets, COUNTER_SETS_PER_SLICE)
     ]
@@ -274,9 +367,34 @@ def build_pool(inputs: PoolInputs, generation: int) -> list[Slice]:
     ]
 
 
+def comparable_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` without what the API server adds: a taint's ``timeAdded`` ("added
+    automatically during create or update if not set")."""
+    out = dict(spec)
+    if out.get("devices"):
+        out["devices"] = [
+            {**d, "taints": [{k: v for k, v in t.items() if k != "timeAdded"} for t in d["taints"]]}
+            if d.get("taints")
+            else d
+            for d in out["devices"]
+        ]
+    return out
+
+
 def without_generation(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A slice's name and spec with ``pool.generation`` left out: what tells whether the
-    pool's content changed (server-set metadata such as ``resourceVersion`` is dropped)."""
-    spec = dict(obj["spec"])
+    pool's content changed (server-set metadata such as ``resourceVersion`` and a taint's
+    ``timeAdded`` are dropped)."""
+    spec = comparable_spec(obj["spec"])
     spec["pool"] = {k: v for k, v in spec["pool"].items() if k != "generation"}
     return {"name": obj["metadata"]["name"], "spec": spec}
+
+
+def taints_dropped(sent: Mapping[str, Any], stored: Mapping[str, Any]) -> bool:
+    """Whether the API server dropped the device taints of slice ``sent`` (answered as
+    ``stored``): a server without ``DRADeviceTaints`` drops the field silently."""
+    kept = {d["name"]: d for d in stored.get("spec", {}).get("devices") or []}
+    return any(
+        d.get("taints") and not (kept.get(d["name"]) or {}).get("taints")
+        for d in sent["spec"].get("devices") or []
+    )

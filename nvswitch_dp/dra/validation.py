@@ -222,8 +222,59 @@ def _device_causes(device: object, where: str) -> tuple[list[Cause], bool, bool]
             seen.add(counter_set)
         counters = entry.get("counters") if isinstance(entry, Mapping) else None
         causes += _counters_causes(counters, f"{key}.counters", MAX_COUNTERS_PER_CONSUMPTION)
+    causes += _taint_causes(device.get("taints"), f"{where}.taints")
     advanced = bool(device.get("taints")) or bool(consumes) or lists
     return causes, advanced, lists
+
+
+MAX_TAINTS_PER_DEVICE = 16
+TAINT_EFFECTS = ("NoSchedule", "NoExecute", "None")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+
+def _taint_causes(taints: Any, where: str) -> list[Cause]:
+    """A device's taints: at most 16; key a label name (optional DNS-subdomain prefix of
+    at most 253, "/", name of at most 63), value a label value (at most 63), effect one
+    of NoSchedule, NoExecute, None."""
+    if taints is None:
+        return []
+    if not isinstance(taints, list):
+        return [Cause("FieldValueInvalid", where, "must be a list")]
+    causes: list[Cause] = []
+    if len(taints) > MAX_TAINTS_PER_DEVICE:
+        causes.append(
+            Cause("FieldValueTooMany", where, f"must have at most {MAX_TAINTS_PER_DEVICE} items")
+        )
+    for i, taint in enumerate(taints):
+        at = f"{where}[{i}]"
+        if not isinstance(taint, Mapping):
+            causes.append(Cause("FieldValueInvalid", at, "must be an object"))
+            continue
+        key = taint.get("key")
+        prefix, _, name = key.rpartition("/") if isinstance(key, str) else ("", "", "")
+        if not isinstance(key, str) or not key:
+            causes.append(Cause("FieldValueRequired", f"{at}.key", "Required value"))
+        elif (
+            len(name) > MAX_LABEL
+            or _LABEL_NAME.fullmatch(name) is None
+            or (prefix and (len(prefix) > MAX_SUBDOMAIN or not is_dns_subdomain(prefix)))
+        ):
+            causes.append(Cause("FieldValueInvalid", f"{at}.key", f"{key!r}: not a label name"))
+        value = taint.get("value", "")
+        if (
+            not isinstance(value, str)
+            or len(value) > MAX_LABEL
+            or not _LABEL_VALUE.fullmatch(value)
+        ):
+            causes.append(
+                Cause("FieldValueInvalid", f"{at}.value", f"{value!r}: not a label value")
+            )
+        if taint.get("effect") not in TAINT_EFFECTS:
+            causes.append(
+                Cause("FieldValueNotSupported", f"{at}.effect", f"must be one of {TAINT_EFFECTS}")
+            )
+    return causes
 
 
 def check_slice(obj: Mapping[str, Any]) -> list[Cause]:

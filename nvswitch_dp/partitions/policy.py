@@ -21,6 +21,12 @@ Policies are data (after NVIDIA k8s-device-plugin ``internal/rm/allocate.go``): 
 loop (:func:`preferred_allocation`) serves them all. ``first-fit`` and ``random`` exist
 for the churn benchmark (``benchmarks/churn.py``), not for production.
 
+In DRA mode the scheduler picks devices itself, first fit in the order a slice lists them
+(see :mod:`nvswitch_dp.testing.dra_allocator`); :func:`placement_order` and
+:func:`gpu_order` turn the same policy into that order, so that first fit over the
+published list *is* the policy's choice (a property the tests check against
+:func:`preferred_allocation`).
+
 Errors: none. An error from GetPreferredAllocation fails the pod's admission (kubernetes
 #97131), so :func:`preferred_allocation` never raises: IDs it cannot parse or does not
 know are ignored, and when too few partitions are truly available it fills the answer
@@ -45,8 +51,10 @@ __all__ = [
     "Candidate",
     "Policy",
     "candidate",
+    "gpu_order",
     "keep_largest_key",
     "parse_device",
+    "placement_order",
     "preferred_allocation",
     "random_fit",
     "remaining_after",
@@ -211,3 +219,61 @@ def preferred_allocation(
         rest.sort(key=lambda pid: pid not in book_available)
         chosen += rest[: size - len(chosen)]
     return [offered[pid] for pid in chosen]
+
+
+def placement_order(
+    table: PartitionTable, available: Set[int], *, policy: Policy = KEEP_LARGEST
+) -> tuple[int, ...]:
+    """Every partition ID of ``table``, in the order a DRA slice should list them.
+
+    Per size, the partitions in ``available`` come first, ranked by ``policy`` as
+    :func:`preferred_allocation` would rank them for one request of that size now (the
+    first is the one it picks); then the partitions not available, by ID (the scheduler
+    skips those, and a fixed tail keeps the list from changing when nothing that matters
+    did). Sizes follow one another, smallest first; their relative order does not matter
+    to the scheduler, whose device classes select by size.
+
+    The guarantee: for every size, the first partition of that size in the result that
+    lies in ``available`` is ``policy``'s choice for a request of that size. Pure; never
+    raises (IDs in ``available`` outside ``table`` are ignored).
+    """
+    sizes = sorted(table.sizes, reverse=True)
+    free = frozenset(pid for pid in available if pid in table)
+    order: list[int] = []
+    for size in sorted(table.sizes):
+        ids = [p.partition_id for p in table.of_size(size)]
+        ranked = sorted(
+            (candidate(table, free, pid, sizes) for pid in ids if pid in free), key=policy.key
+        )
+        order += [c.partition_id for c in ranked]
+        order += sorted(pid for pid in ids if pid not in free)
+    return tuple(order)
+
+
+def gpu_order(
+    table: PartitionTable, available: Set[int], *, policy: Policy = KEEP_LARGEST
+) -> tuple[int, ...]:
+    """Every module ID of ``table``, in the order a DRA slice should list the per-GPU
+    devices (KubeVirt claims: N requests of one GPU, ``matchAttribute`` on
+    ``partition<N>x``).
+
+    A module's rank is that of the smallest available partition holding it in
+    :func:`placement_order` (a 1-GPU partition on every table we know), so a claim for
+    one GPU gets the GPU the policy would give a 1x request. Modules in no available
+    partition follow, by ID. For N > 1 the scheduler takes the N-GPU partition of the
+    earliest-listed GPU whose partition is wholly free: the one holding the GPU the
+    policy would give up first, which is a good choice but not always the policy's own
+    N-GPU choice (the N-GPU partition devices are). Pure; never raises.
+    """
+    order = placement_order(table, available, policy=policy)
+    position = {pid: i for i, pid in enumerate(order)}
+    free = frozenset(pid for pid in available if pid in table)
+
+    def rank(module: int) -> tuple[int, int, int]:
+        # The order groups sizes smallest first, so the lowest position among the
+        # available partitions holding the module is its smallest one, best ranked.
+        held_in = [position[p.partition_id] for p in table if module in p.module_ids]
+        ranks = [i for i in held_in if order[i] in free]
+        return (0, min(ranks), module) if ranks else (1, 0, module)
+
+    return tuple(sorted(table.module_ids, key=rank))

@@ -15,6 +15,16 @@ conventions for exactly what the daemon touches:
   ``Invalid`` carries ``details.causes[]`` from :func:`nvswitch_dp.dra.validation.check_slice`,
   the published ResourceSlice rules). Bearer-token authentication (401 ``Unauthorized``).
 - ``resourceVersion`` is one counter for the whole store, as etcd's revision is.
+- **Feature gates** (``ApiStore.features``, default: all of :data:`FEATURES` on, as in
+  1.37): with ``DRADeviceTaints`` off, the ``taints`` of slice devices are dropped on write
+  without a word; with ``DRAResourceClaimDeviceStatus`` off, a claim's ``status.devices``
+  is dropped likewise. That is what a real server does with a field behind a disabled
+  gate (its strategy's ``dropDisabledFields``). With taints on, a taint without
+  ``timeAdded`` gets the current time ("added automatically during create or update if
+  not set", the API's documentation of ``DeviceTaint``).
+- ``?dryRun=All`` on create and update: everything runs (validation, dropping, defaults)
+  and the answer is the object as it would be stored, but nothing is stored and the
+  revision does not move; any other value is 400, as on a real server.
 - Watch is not served (the daemon's client never watches); ``?watch=true`` is a 400.
 
 Ownership: :class:`ApiStore` holds the objects and outlives servers, so a test can stop the
@@ -58,6 +68,9 @@ CLAIM_FIELDS: Mapping[str, tuple[str, ...]] = {
     "metadata.name": ("metadata", "name"),
     "metadata.namespace": ("metadata", "namespace"),
 }
+TAINTS = "DRADeviceTaints"
+DEVICE_STATUS = "DRAResourceClaimDeviceStatus"
+FEATURES = frozenset({TAINTS, DEVICE_STATUS})
 SLICE_IMMUTABLE = (("spec", "driver"), ("spec", "nodeName"), ("spec", "pool", "name"))
 
 Obj = dict[str, Any]
@@ -191,6 +204,7 @@ class ApiStore:
     """
 
     objects: dict[tuple[str, str, str], Obj] = field(default_factory=dict)
+    features: set[str] = field(default_factory=lambda: set(FEATURES))
     revision: int = 0
     requests: list[Request] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -250,7 +264,28 @@ class ApiStore:
                 raise _not_found(resource, name)
             return copy.deepcopy(found)
 
-    def create(self, resource: str, namespace: str, body: Obj) -> Obj:
+    def _drop_disabled(self, resource: str, body: Obj) -> None:
+        """What a server with these gates does to a written object (module docstring)."""
+        spec = body.get("spec")
+        if resource == "resourceslices" and isinstance(spec, dict):
+            for device in spec.get("devices") or []:
+                if not isinstance(device, dict) or "taints" not in device:
+                    continue
+                if TAINTS not in self.features:
+                    del device["taints"]
+                    continue
+                for taint in device["taints"] or []:
+                    if isinstance(taint, dict) and not taint.get("timeAdded"):
+                        taint["timeAdded"] = _now()
+        status = body.get("status")
+        if (
+            resource == "resourceclaims"
+            and isinstance(status, dict)
+            and DEVICE_STATUS not in self.features
+        ):
+            status.pop("devices", None)
+
+    def create(self, resource: str, namespace: str, body: Obj, *, dry_run: bool = False) -> Obj:
         meta = body.setdefault("metadata", {})
         if not isinstance(meta, dict):
             raise ApiError(400, "BadRequest", "metadata must be an object")
@@ -281,6 +316,7 @@ class ApiStore:
             )
         if resource == "resourceslices":
             _validate_slice(body)
+        self._drop_disabled(resource, body)
         with self._lock:
             key = (resource, namespace, name)
             if key in self.objects:
@@ -293,17 +329,25 @@ class ApiStore:
                 )
             meta.update(
                 uid=str(uuid.uuid4()),
-                resourceVersion=self._bump(),
+                resourceVersion=str(self.revision + 1) if dry_run else self._bump(),
                 creationTimestamp=_now(),
                 generation=1,
             )
             if namespace:
                 meta["namespace"] = namespace
-            self.objects[key] = copy.deepcopy(body)
+            if not dry_run:
+                self.objects[key] = copy.deepcopy(body)
             return body
 
     def update(
-        self, resource: str, namespace: str, name: str, body: Obj, *, status: bool = False
+        self,
+        resource: str,
+        namespace: str,
+        name: str,
+        body: Obj,
+        *,
+        status: bool = False,
+        dry_run: bool = False,
     ) -> Obj:
         meta = body.get("metadata")
         if not isinstance(meta, dict) or meta.get("name") != name:
@@ -325,6 +369,8 @@ class ApiStore:
             )
         if resource == "resourceslices":
             _validate_slice(body)
+        body = copy.deepcopy(body)
+        self._drop_disabled(resource, body)
         with self._lock:
             key = (resource, namespace, name)
             if resource == "resourceslices" and name in self._behind and key in self.objects:
@@ -380,6 +426,9 @@ class ApiStore:
                 )
                 if namespace:
                     stored["metadata"]["namespace"] = namespace
+            if dry_run:
+                stored["metadata"]["resourceVersion"] = str(self.revision + 1)
+                return stored
             stored["metadata"]["resourceVersion"] = self._bump()
             self.objects[key] = stored
             return copy.deepcopy(stored)
@@ -497,19 +546,24 @@ class _Handler(BaseHTTPRequestHandler):
                 body = parsed
             method = self.command
             code = 200
+            dry_run = "dryRun" in query
+            if dry_run and (query["dryRun"] != "All" or method not in ("POST", "PUT")):
+                raise ApiError(400, "BadRequest", f"invalid dryRun {query['dryRun']!r}")
             if method == "GET" and name is None:
                 result = store.list(resource, ns, query)
             elif method == "GET":
                 result = store.get(resource, ns, name)
             elif method == "POST" and name is None:
-                result = store.create(resource, ns, body)
+                result = store.create(resource, ns, body, dry_run=dry_run)
                 code = 201
             elif method == "PUT" and name is not None:
                 if route["status"] and resource != "resourceclaims":
                     raise ApiError(
                         404, "NotFound", "the server could not find the requested resource"
                     )
-                result = store.update(resource, ns, name, body, status=bool(route["status"]))
+                result = store.update(
+                    resource, ns, name, body, status=bool(route["status"]), dry_run=dry_run
+                )
             elif method == "DELETE" and name is not None and not route["status"]:
                 result = store.delete(resource, ns, name)
             else:

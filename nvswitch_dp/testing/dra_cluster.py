@@ -153,8 +153,24 @@ class DraCluster:
         ]
 
     def devices(self) -> set[str]:
-        """Names of the devices the node's slices offer now."""
-        return {d["name"] for s in self.slices() for d in s["spec"].get("devices") or []}
+        """Names of the devices the node's slices offer now: published, and not tainted
+        ``NoSchedule``/``NoExecute`` (those the scheduler does not allocate)."""
+        return {
+            d["name"]
+            for s in self.slices()
+            for d in s["spec"].get("devices") or []
+            if not any(
+                t.get("effect") in ("NoSchedule", "NoExecute") for t in d.get("taints") or []
+            )
+        }
+
+    def taints(self) -> dict[str, list[tuple[str, str]]]:
+        """Device name -> its taints as (key, value), for every device published."""
+        return {
+            d["name"]: [(t["key"], t.get("value", "")) for t in d.get("taints") or []]
+            for s in self.slices()
+            for d in s["spec"].get("devices") or []
+        }
 
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -240,7 +256,14 @@ class DraCluster:
             },
         )
         if devices is None:
-            found = self.allocator().allocate(claim)
+            # The scheduler retries a pod while a pool is being updated (incomplete: a
+            # new generation not wholly written yet); so does this, within 10 s.
+            allocator = self.allocator()
+            deadline = time.monotonic() + 10.0
+            while allocator.unusable is not None and time.monotonic() < deadline:
+                time.sleep(0.01)
+                allocator = self.allocator()
+            found = allocator.allocate(claim)
             if found is None:
                 self.store.delete("resourceclaims", namespace, name)
                 raise LookupError(f"the scheduler finds no allocation for {claim}")
