@@ -31,6 +31,7 @@ from types import MappingProxyType
 
 import trio
 
+from nvswitch_dp.echo import clipped
 from nvswitch_dp.fabric.types import FabricManagerError, FmReturn, error_for, fm_return_name
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.node import (
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 ANNOTATION_PREFIX = "nvswitch-dp.io"
 # Backstop for one FM call when the backend's own timeout fails to fire.
 DEFAULT_CALL_DEADLINE_S = 60.0
+# The most device IDs one Allocate may name, all containers together. The largest node
+# has 16 GPUs: with allocation_unit gpu a resource has at most a few dozen devices.
+MAX_DEVICE_IDS_PER_REQUEST = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,15 +310,27 @@ class PartitionController:
         if not containers or not any(containers):
             raise AllocationError("the request names no device", kind="unknown")
         table = self.machine.table
+        # Bounded before any per-device work: a 4 MB message holds 300,000 IDs, and every
+        # check below must stay linear in what remains.
+        named = sum(len(devices) for devices in containers)
+        if named > MAX_DEVICE_IDS_PER_REQUEST:
+            raise AllocationError(
+                f"the request names {named} device IDs; at most "
+                f"{MAX_DEVICE_IDS_PER_REQUEST} are accepted (a node has at most a few dozen "
+                "devices per resource): send each device once",
+                kind="invalid",
+            )
         selections: list[Selection] = []
         for devices in containers:
-            if len(set(devices)) != len(devices):
-                repeated = sorted({d for d in devices if list(devices).count(d) > 1})
-                raise AllocationError(
-                    f"device {repeated[0]} is named twice in one request; the kubelet "
-                    "never does this: send each device once",
-                    kind="invalid",
-                )
+            seen: set[str] = set()
+            for device in devices:
+                if device in seen:
+                    raise AllocationError(
+                        f"device {clipped(device)} is named twice in one request; the "
+                        "kubelet never does this: send each device once",
+                        kind="invalid",
+                    )
+                seen.add(device)
             try:
                 selections.append(self.layout.unit.select(table, size, resource, devices))
             except UnitError as exc:

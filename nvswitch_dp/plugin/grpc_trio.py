@@ -11,6 +11,8 @@ server here remembers its connections' transports and closes them too.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -21,6 +23,8 @@ import trio
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 from trio_asyncio import aio_as_trio
+
+from nvswitch_dp.limits import RateLimitedLog
 
 T = TypeVar("T")
 
@@ -52,6 +56,40 @@ class ClosingServer(Server):
             transport = getattr(protocol, "transport", None)
             if transport is not None:
                 transport.close()
+
+
+log = logging.getLogger(__name__)
+_os_errors = RateLimitedLog(log)
+
+
+def tolerate_os_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Make an ``OSError`` that asyncio reports to the loop's exception handler a log
+    line instead of an exception in the daemon's nursery.
+
+    trio-asyncio's default handler re-raises whatever asyncio reports into the nursery
+    that holds the loop, which ends the daemon. asyncio reports OS errors it has
+    already dealt with: EMFILE/ENFILE on a server's ``accept`` (it stops accepting and
+    retries after a second, so the kubelet's connection waits rather than fails), and a
+    transport's fatal read/write error (that one connection is closed). Neither is a
+    reason to stop serving every other resource. Anything else still goes to the
+    default handler: it is a bug we want to see.
+    """
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError):
+            message = context.get("message", "asyncio reported an OS error")
+            _os_errors.log(
+                logging.ERROR,
+                f"{message}:{exc.errno}",
+                "gRPC side: %s: %s (asyncio retries accepting after 1 s; the daemon keeps serving)",
+                message,
+                exc.strerror or exc,
+            )
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def _unlink_socket(path: Path) -> None:

@@ -1,0 +1,159 @@
+"""Issue 16: no resource, signal or impossible FM state takes the daemon down, and every
+refusal is said. Each test runs the real daemon process on a simulated node."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from nvswitch_dp.fabric.simulator import STATE_VERSION
+from nvswitch_dp.testing.harness import DaemonProcess, simulated_node
+
+H200 = "nvidia.com/gpu-h200"
+RESOURCES = [f"{H200}-{n}x" for n in (1, 2, 4, 8)]
+
+
+def _metric(text: str, name: str) -> float:
+    """The sum of every sample of ``name`` (any labels) in a Prometheus exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if match:
+            total += float(match.group(2))
+    return total
+
+
+def test_a_connection_flood_under_256_descriptors_neither_kills_nor_starves(
+    tmp_path: Path,
+) -> None:
+    with simulated_node(tmp_path, command_prefix=["prlimit", "--nofile=256:256"]) as (
+        daemon,
+        kubelet,
+    ):
+        flood = []
+        try:
+            for _ in range(400):  # idle, unauthenticated: more than the daemon has fds
+                flood.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=5))
+            time.sleep(0.5)
+            # The kubelet restarts in the middle: every plugin socket is served and
+            # registered again, and Allocate (FM activation included) still works.
+            kubelet.restart()
+            kubelet.wait_registered(RESOURCES, timeout=30)
+            response = kubelet.allocate(f"{H200}-4x", ["partition-1"])
+            assert response.container_responses[0].envs["NVSWITCH_DP_PARTITION_IDS"] == "1"
+            daemon.check_alive()
+        finally:
+            for sock in flood:
+                sock.close()
+        status, text = _get_within(daemon, "/metrics", 5.0)  # the flood's slots free up
+        assert status == 200
+        assert _metric(text, "hgx_h200_api_connections_refused_total") > 0
+        assert "REST connections limited to" in daemon.log_text()
+        # A few rate-limited lines, not a traceback per connection.
+        assert "Traceback" not in daemon.log_text()
+        assert len(daemon.log_text()) < 50_000
+        code, _ = daemon.terminate()
+        assert code == 0
+
+
+def _get_within(daemon: DaemonProcess, path: str, seconds: float) -> tuple[int, Any]:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return daemon.get(path)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _overlapping_fm_state(state_dir: Path) -> None:
+    # HGX H200: partition 1 is modules 1-4, partition 3 the pair (1, 3): they share GPUs.
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = {"version": STATE_VERSION, "platform": "hgx-h200", "active": [1, 3]}
+    (state_dir / "fabricmanager.state").write_text(json.dumps(state))
+
+
+def test_fm_reporting_overlapping_partitions_at_start_is_a_refusal_naming_both(
+    tmp_path: Path,
+) -> None:
+    daemon = DaemonProcess(tmp_path, tmp_path / "device-plugins")
+    _overlapping_fm_state(daemon.state_dir)
+    daemon.start()
+    assert daemon.process is not None
+    code = daemon.process.wait(timeout=30)
+    log = daemon.log_text()
+    assert code == 1
+    refusals = [line for line in log.splitlines() if "cannot start" in line]
+    assert len(refusals) == 1
+    assert "partitions 1 and 3 active" in refusals[0]
+    assert "nothing was deactivated" in refusals[0] and "fmpm -d" in refusals[0]
+    assert "Traceback" not in log
+    assert json.loads(daemon.fm_state_file.read_text())["active"] == [1, 3]
+
+
+def test_sighup_is_ignored_and_two_sigints_still_exit_0_with_sockets_removed(
+    tmp_path: Path,
+) -> None:
+    with simulated_node(tmp_path) as (daemon, kubelet):
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        daemon.check_alive()
+        assert kubelet.allocate(f"{H200}-1x", ["partition-7"]).container_responses
+        assert "received SIGHUP; ignored" in daemon.log_text()
+        daemon.process.send_signal(signal.SIGINT)
+        daemon.process.send_signal(signal.SIGINT)
+        code = daemon.process.wait(timeout=10)
+        assert code == 0
+        assert not list(daemon.plugin_dir.glob("nvswitch-dp-*.sock"))
+        assert "KeyboardInterrupt" not in daemon.log_text()
+
+
+def test_an_allocate_naming_one_device_300000_times_is_refused_at_once(tmp_path: Path) -> None:
+    with simulated_node(tmp_path) as (_daemon, kubelet):
+        begin = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            kubelet.allocate(f"{H200}-1x", ["partition-7"] * 300_000, timeout=30)
+        elapsed = time.monotonic() - begin
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = refused.value.details() or ""
+        assert "300000 device IDs" in details and len(details) < 500
+        # Not a timed assertion of speed: a bound far above the answer, far below the
+        # 16-21 s the quadratic check took.
+        assert elapsed < 10
+        assert kubelet.allocate(f"{H200}-1x", ["partition-8"]).container_responses
+
+
+def test_sigterm_during_a_flood_still_exits_0(tmp_path: Path) -> None:
+    with simulated_node(tmp_path, command_prefix=["prlimit", "--nofile=256:256"]) as (
+        daemon,
+        _kubelet,
+    ):
+        flood = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(300)]
+        try:
+            code, took = daemon.terminate()
+        finally:
+            for sock in flood:
+                sock.close()
+        assert code == 0 and took < 5
+
+
+def test_prlimit_runs_the_daemon_itself() -> None:
+    # The flood tests rely on prlimit exec'ing the command (signals reach the daemon).
+    out = subprocess.run(
+        ["prlimit", "--nofile=256:256", "sh", "-c", "ulimit -n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "256"
