@@ -255,6 +255,7 @@ class PartitionController:
         self._effects_ready = trio.Event()
         self._supervise_wakeup = trio.Event()
         self._seen_generation = machine.generation
+        self._overlap_said: str | None = None
         metrics.count_devices_with(lambda partition: len(unit.device_ids(partition)))
         metrics.observe_partitions(self._views_with_resource)
         metrics.observe_fabric(lambda: self.view().fabric_reachable)
@@ -287,9 +288,27 @@ class PartitionController:
             self._supervise_wakeup.set()
         if self.machine.generation != self._seen_generation:
             self._seen_generation = self.machine.generation
+            self._say_fabric_overlap()
             self.feed.notify()
             self._changed.set()
             self._changed = trio.Event()
+
+    def _say_fabric_overlap(self) -> None:
+        """Log FM's overlapping active partitions once per change, and count it (N11)."""
+        overlap = self.machine.snapshot().fabric_overlap
+        if overlap == self._overlap_said:
+            return
+        self._overlap_said = overlap
+        if overlap is not None:
+            self.metrics.fabric_overlap_reports.inc()
+            log.error(
+                "%s: FM forbids this, so its state is damaged; nothing is deactivated for "
+                "it (either may be a VM's) and /readyz says so until FM reports it gone. "
+                "Deactivate the one no VM uses (fmpm -d ID) or restart Fabric Manager",
+                overlap,
+            )
+        else:
+            log.warning("Fabric Manager no longer reports overlapping partitions active")
 
     async def wait_changed(self) -> None:
         """Wait (Trio) until the machine's generation moves."""
@@ -540,6 +559,8 @@ class PartitionController:
         finally:
             # Synchronous, so it happens even while this task is being cancelled.
             self.metrics.count_operation(operation, _result_label(outcome))
+            if isinstance(effect, ListFabric) and not isinstance(outcome, Succeeded):
+                self.metrics.fabric_list_failures.inc()
             if isinstance(outcome, Failed):
                 log.warning("Fabric Manager %s: %s", operation, outcome.message)
             elif isinstance(outcome, Unknown):

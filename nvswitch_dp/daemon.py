@@ -60,6 +60,7 @@ import trio
 import trio_asyncio
 
 from api.app import create_app
+from api.schemas import DEFAULT_LIST_FAILURE_WINDOW_S, fabric_problems
 from api.server import ConnectionGate, serve_api
 from nvswitch_dp.config import ApiConfig, Config
 from nvswitch_dp.controller import GpuSlot, PartitionController
@@ -593,9 +594,11 @@ def dra_readiness(
     registration: RegistrationState,
     publisher: PoolPublisher | None,
     controller: PartitionController,
+    list_window: float = DEFAULT_LIST_FAILURE_WINDOW_S,
 ) -> list[str]:
     """Why a DRA-mode node is not ready: the kubelet has not registered the driver, the
-    slices are not published as the node is, or FM is unreachable (empty when ready)."""
+    slices are not published as the node is, FM is unreachable, reports an impossible
+    state or has failed every list for ``list_window`` seconds (empty when ready)."""
     problems: list[str] = []
     if registration.problem is not None:
         problems.append(registration.problem)
@@ -606,6 +609,7 @@ def dra_readiness(
     node = controller.view()
     if not node.fabric_reachable:
         problems.append(f"Fabric Manager is unreachable: {node.fabric_problem}")
+    problems += fabric_problems(node, now=trio.current_time(), list_window=list_window)
     return problems
 
 
@@ -695,7 +699,12 @@ async def run_dra_daemon(
         ctl = controller
 
         def readiness() -> list[str]:
-            return dra_readiness(registration, publisher, ctl)
+            return dra_readiness(
+                registration,
+                publisher,
+                ctl,
+                config.fabric_manager.list_failure_window_seconds,
+            )
 
         await nursery.start(
             serve_api,

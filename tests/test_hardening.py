@@ -4,6 +4,7 @@ refusal is said. Each test runs the real daemon process on a simulated node."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -157,3 +158,73 @@ def test_prlimit_runs_the_daemon_itself() -> None:
         check=True,
     )
     assert out.stdout.strip() == "256"
+
+
+def _config(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "config.yaml"
+    path.write_text("version: v1\n" + text)
+    return ["--config", str(path)]
+
+
+def _wait(predicate: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+def test_fm_reporting_an_overlap_mid_run_is_said_once_counted_and_not_ready(
+    tmp_path: Path,
+) -> None:
+    args = _config(tmp_path, "fabric_manager:\n  reconcile_interval_seconds: 0.5\n")
+    with simulated_node(tmp_path, extra_args=args) as (daemon, kubelet):
+        kubelet.allocate(f"{H200}-4x", ["partition-1"])
+        state = json.loads(daemon.fm_state_file.read_text())
+        state["active"] = [1, 3]  # behind FM's own back: what FM forbids
+        daemon.fm_state_file.write_text(json.dumps(state))
+        _wait(lambda: daemon.get("/readyz")[0] == 503, 10, "readyz 503 on the overlap")
+        time.sleep(2)  # several more supervision rounds see the same overlap
+        _status, body = daemon.get("/readyz")
+        assert any("partitions 1 and 3 active" in p for p in body["problems"])
+        said = [line for line in daemon.log_text().splitlines() if "share a GPU: FM" in line]
+        assert len(said) == 1
+        _status, text = daemon.get("/metrics")
+        assert _metric(text, "hgx_h200_fabric_overlap_reports_total") == 1
+        assert json.loads(daemon.fm_state_file.read_text())["active"] == [1, 3]
+        state["active"] = [1]
+        daemon.fm_state_file.write_text(json.dumps(state))
+        _wait(lambda: daemon.get("/readyz")[0] == 200, 10, "readyz 200 once FM is sane")
+
+
+def test_failing_fm_lists_make_readyz_503_after_the_window_and_it_recovers(
+    tmp_path: Path,
+) -> None:
+    from nvswitch_dp.testing.faults import fake_fmpm_path
+
+    garble = tmp_path / "garble"
+    wrapper = tmp_path / "fmpm"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ -e "{garble}" ]; then printf \'{{ "partitionInfo" : [ {{ "gpuInfo\'; exit 0; fi\n'
+        f'exec "{fake_fmpm_path()}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    args = _config(
+        tmp_path,
+        "fabric_manager:\n  reconcile_interval_seconds: 5\n  list_failure_window_seconds: 2\n",
+    )
+    args += ["--fm-backend", "fmpm", "--fmpm-path", str(wrapper), "--fm-endpoint", "127.0.0.1"]
+    env = {**os.environ, "NVSWITCH_DP_FMPM_SIM_STATE": str(tmp_path / "fm.state")}
+    with simulated_node(tmp_path, extra_args=args, env=env) as (daemon, _kubelet):
+        assert daemon.get("/readyz")[0] == 200
+        garble.touch()
+        began = time.monotonic()
+        _wait(lambda: daemon.get("/readyz")[0] == 503, 20, "readyz 503 on failing lists")
+        assert time.monotonic() - began >= 2  # not before the window
+        _status, body = daemon.get("/readyz")
+        assert any("every Fabric Manager list has failed" in p for p in body["problems"])
+        garble.unlink()
+        _wait(lambda: daemon.get("/readyz")[0] == 200, 10, "readyz 200 once FM answers")
+        _status, text = daemon.get("/metrics")
+        assert _metric(text, "hgx_h200_fabric_list_failures_total") >= 1
