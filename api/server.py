@@ -118,7 +118,8 @@ class ConnectionGate:
 
 
 def rest_config(config: hypercorn.config.Config) -> hypercorn.config.Config:
-    """``config`` with this module's deadlines (rule 3)."""
+    """``config`` with this module's deadlines (rule 3); the daemon's ``api_config``
+    applies it, tests may set their own."""
     config.keep_alive_timeout = IDLE_TIMEOUT
     config.read_timeout = READ_TIMEOUT
     return config
@@ -139,7 +140,6 @@ async def serve_api(
     (``OSError``) or a bad TLS certificate (``ssl.SSLError``) raises before ``started``;
     after it, only cancellation ends the task.
     """
-    config = rest_config(config)
     config.set_statsd_logger_class(StatsdLogger)
     app = wrap_app(app, config.wsgi_max_body_size, None)  # as hypercorn.trio.serve does
     lifespan_state: LifespanState = {}
@@ -179,7 +179,7 @@ async def serve_api(
 
 
 async def _accept_loop(
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.SocketStream],
     gate: ConnectionGate,
     handle: Any,
     nursery: trio.Nursery,

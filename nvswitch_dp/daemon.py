@@ -61,7 +61,7 @@ import trio_asyncio
 
 from api.app import create_app
 from api.schemas import DEFAULT_LIST_FAILURE_WINDOW_S, fabric_problems
-from api.server import ConnectionGate, serve_api
+from api.server import ConnectionGate, rest_config, serve_api
 from nvswitch_dp.config import ApiConfig, Config
 from nvswitch_dp.controller import GpuSlot, PartitionController
 from nvswitch_dp.fabric.platforms import PLATFORMS
@@ -399,7 +399,7 @@ def api_config(api: ApiConfig) -> hypercorn.config.Config:
     # A Logger instance is used as is: its records go through our handlers, once.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
-    return config
+    return rest_config(config)  # idle and read deadlines (api/server.py)
 
 
 def connection_gate(api: ApiConfig, metrics: Metrics) -> ConnectionGate:

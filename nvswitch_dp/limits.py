@@ -67,11 +67,11 @@ def rest_connection_limit(configured: int, soft_limit: int, in_use: int) -> int:
     """How many REST connections may be open at once. Pure.
 
     ``configured`` (``api.max_connections``), but never more than the soft descriptor
-    limit leaves after what is ``in_use`` and :data:`FD_RESERVE`; at least
-    :data:`MIN_REST_CONNECTIONS`.
+    limit leaves after what is ``in_use`` and :data:`FD_RESERVE`; that bound is at least
+    :data:`MIN_REST_CONNECTIONS` (probes and metrics must still get through).
     """
     left = soft_limit - in_use - FD_RESERVE
-    return max(MIN_REST_CONNECTIONS, min(configured, left))
+    return min(configured, max(MIN_REST_CONNECTIONS, left))
 
 
 class RateLimitedLog:
