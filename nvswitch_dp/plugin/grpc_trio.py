@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 from trio_asyncio import aio_as_trio
@@ -38,11 +41,39 @@ class _TrackedProtocol(H2Protocol):
         super().connection_made(transport)
 
 
+# The largest request the kubelet's calls need is a few KiB (an Allocate of 256 device
+# IDs is about 10 KiB); grpclib itself sets no limit, and decoding a 4 MB message of
+# 300,000 IDs holds the event loop for over a second.
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
+class BoundedProtoCodec(ProtoCodec):
+    """grpclib's protobuf codec, refusing to decode a message over ``max_bytes``.
+
+    Errors: ``GRPCError(RESOURCE_EXHAUSTED)`` naming both sizes, raised inside the
+    handler's ``recv_message``, so grpclib answers it as the call's status and the
+    connection and every other call go on.
+    """
+
+    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.max_bytes = max_bytes
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if len(data) > self.max_bytes:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"request of {len(data)} bytes; at most {self.max_bytes} are accepted "
+                "(send each device once)",
+            )
+        return super().decode(data, message_type)
+
+
 class ClosingServer(Server):
-    """A grpclib Server whose ``close_connections`` closes accepted connections."""
+    """A grpclib Server whose ``close_connections`` closes accepted connections, and
+    whose requests are bounded (:class:`BoundedProtoCodec`)."""
 
     def __init__(self, handlers: Sequence[Any]) -> None:
-        super().__init__(list(handlers))
+        super().__init__(list(handlers), codec=BoundedProtoCodec())
         self._protocols: weakref.WeakSet[_TrackedProtocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
