@@ -238,3 +238,26 @@ def test_failing_fm_lists_make_readyz_503_after_the_window_and_it_recovers(
         _wait(lambda: daemon.get("/readyz")[0] == 200, 10, "readyz 200 once FM answers")
         _status, text = daemon.get("/metrics")
         assert _metric(text, "hgx_h200_fabric_list_failures_total") >= 1
+
+
+def test_a_damaged_dra_checkpoint_is_one_line_naming_the_file_and_exit_1(
+    tmp_path: Path,
+) -> None:
+    from nvswitch_dp.daemon import CHECKPOINT_FILE
+    from nvswitch_dp.testing.apiserver import write_kubeconfig
+
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9", "t")
+    args = ["--mode", "dra", "--node-name", "n1", "--kubeconfig", str(kubeconfig)]
+    daemon = DaemonProcess(tmp_path, tmp_path / "device-plugins", extra_args=args)
+    daemon.state_dir.mkdir(parents=True)
+    checkpoint = daemon.state_dir / CHECKPOINT_FILE
+    checkpoint.write_text('{"version": 1, "claims": {')  # cut off mid-write by hand
+    daemon.start()
+    assert daemon.process is not None
+    code = daemon.process.wait(timeout=30)
+    log = daemon.log_text()
+    assert code == 1
+    refusals = [line for line in log.splitlines() if "cannot start" in line]
+    assert len(refusals) == 1, log
+    assert str(checkpoint) in refusals[0] and "move it aside" in refusals[0]
+    assert "Traceback" not in log
