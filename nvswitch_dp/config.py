@@ -106,7 +106,10 @@ class FabricManagerConfig:
     libnvfm_path: str = "libnvfm.so.1"
     timeout_seconds: float = 10.0
     retries: int = 3
-    reconcile_interval_seconds: float = 10.0
+    # FM is listed this often: how soon a restarted FM is noticed and told set-activated
+    # (benchmarks/daemon.py: within 2 s on every backend). A list is one call of the C
+    # API, a read of the simulator's file, or one short fmpm run.
+    reconcile_interval_seconds: float = 1.0
     simulator_platform: str = "hgx-h200"
     # /readyz answers 503 once every FM list (any cause: unreachable, garbled output)
     # has failed for this long.
