@@ -261,3 +261,41 @@ def test_a_damaged_dra_checkpoint_is_one_line_naming_the_file_and_exit_1(
     assert len(refusals) == 1, log
     assert str(checkpoint) in refusals[0] and "move it aside" in refusals[0]
     assert "Traceback" not in log
+
+
+def test_list_and_watch_streams_per_resource_are_capped(tmp_path: Path) -> None:
+    from nvswitch_dp.plugin.service import MAX_STREAMS
+    from nvswitch_dp.testing.kubelet import unix_address
+
+    with simulated_node(tmp_path) as (daemon, kubelet):
+        api = kubelet.api
+        socket_path = daemon.plugin_dir / "nvswitch-dp-gpu-h200-1x.sock"
+        with grpc.insecure_channel(unix_address(socket_path)) as channel:
+            stub = api.deviceplugin_grpc.DevicePluginStub(channel)
+            streams = []
+            for _ in range(MAX_STREAMS - 1):  # the kubelet stand-in holds one already
+                stream = stub.ListAndWatch(api.deviceplugin.Empty(), timeout=30)
+                assert next(stream).devices
+                streams.append(stream)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.ListAndWatch(api.deviceplugin.Empty(), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for stream in streams:
+                stream.cancel()
+            # The kubelet's own stream is untouched; a freed slot serves again.
+            assert kubelet.allocate(f"{H200}-1x", ["partition-7"]).container_responses
+            _wait(
+                lambda: _stream_opens(stub, api),
+                10,
+                "a ListAndWatch stream once the others closed",
+            )
+
+
+def _stream_opens(stub: Any, api: Any) -> bool:
+    stream = stub.ListAndWatch(api.deviceplugin.Empty(), timeout=30)
+    try:
+        return bool(next(stream).devices)
+    except grpc.RpcError:
+        return False
+    finally:
+        stream.cancel()
