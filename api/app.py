@@ -214,8 +214,8 @@ def create_app(
     read whole (``max_body`` bytes within ``body_timeout`` seconds, else 413/408) before a
     route runs, and the end of every answer is shielded, so a keep-alive connection is
     always recycled or closed (see :mod:`api.asgi` for why). Serve the returned app as is
-    (``hypercorn.trio.serve(create_app(...), ...)``); Quart's ``test_client()`` goes
-    through the same wrapper.
+    (``api.server.serve_api(create_app(...), ...)``, or ``hypercorn.trio.serve``);
+    Quart's ``test_client()`` goes through the same wrapper.
     """
     api = config.api if config is not None else ApiConfig()
     list_window = (

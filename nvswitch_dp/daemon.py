@@ -3,10 +3,12 @@
     trio.run(run_daemon)
     └── trio_asyncio.open_loop()            grpclib's asyncio loop, above everything
         └── daemon nursery
-            ├── watch_signals               SIGTERM/SIGINT -> ShutdownError (first of all)
+            ├── watch_signals               SIGTERM/SIGINT -> ShutdownError (first of all);
+            │                               SIGHUP logged and ignored
             │   (first_report: wait for FM, resume a restarted one; runs in the body)
             ├── run_effects                 every FM call the node machine asks for
-            ├── serve_api                   Quart-Trio on Hypercorn
+            ├── serve_api                   Quart-Trio on Hypercorn (api/server.py:
+            │                               connections capped, idle/read deadlines)
             ├── supervise_fabric            list FM every period (at once on trouble)
             ├── watch_gpu_health            VFIO state of every GPU
             ├── watch_pod_resources         PodResources readings -> the machine
