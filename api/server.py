@@ -30,7 +30,6 @@ all are closed when it is cancelled.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import socket
 import struct
@@ -46,7 +45,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from nvswitch_dp.limits import RateLimitedLog
+from nvswitch_dp.limits import CAPACITY_ERRNOS, RateLimitedLog
 from nvswitch_dp.metrics import Metrics
 
 __all__ = ["IDLE_TIMEOUT", "READ_TIMEOUT", "ConnectionGate", "serve_api"]
@@ -57,7 +56,6 @@ IDLE_TIMEOUT = 5.0
 READ_TIMEOUT = 30
 ACCEPT_BACKOFF_MIN_S = 0.1
 ACCEPT_BACKOFF_MAX_S = 1.0
-_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -189,7 +187,7 @@ async def _accept_loop(
         try:
             stream = await listener.accept()
         except OSError as exc:
-            if exc.errno not in _CAPACITY_ERRNOS:
+            if exc.errno not in CAPACITY_ERRNOS:
                 raise
             gate.out_of_descriptors(exc, backoff)
             await trio.sleep(backoff)

@@ -12,6 +12,7 @@ Ownership: nothing here holds a resource; :class:`RateLimitedLog` holds only cou
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "CAPACITY_ERRNOS",
     "FD_RESERVE",
     "RateLimitedLog",
     "open_fd_count",
@@ -27,6 +29,8 @@ __all__ = [
     "rest_connection_limit",
 ]
 
+# OS errors that mean "out of a resource now", not "wrong": wait and retry.
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Descriptors kept away from the REST side: FM calls (3 pipes per fmpm run, several runs
 # at once), PodResources and kubelet Register channels, the plugin servers and their
 # kubelet connections, inotify, log files. Measured use of an idle simulated H200 daemon

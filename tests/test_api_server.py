@@ -4,8 +4,11 @@ the asyncio error policy (plugin/grpc_trio.py) and clipped echoes (nvswitch_dp/e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import os
+import resource
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -197,3 +200,35 @@ def test_rate_limited_log_counts_what_it_left_out(caplog: pytest.LogCaptureFixtu
 )
 def test_clipped(text: str, expected: str) -> None:
     assert clipped(text) == expected
+
+
+async def test_a_plugin_socket_out_of_descriptors_is_retried_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A kubelet restart during a flood: the plugin socket must be served again once
+    # descriptors are back, and the daemon must not end meanwhile.
+    from nvswitch_dp.limits import open_fd_count
+    from nvswitch_dp.plugin.lifecycle import serve_resource, socket_name
+
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        api = await make_api(tmp_path, nursery)
+        name = next(iter(api.controller.layout.resources))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_fd_count() + 8, hard))
+        try:
+            with contextlib.suppress(OSError):
+                while True:
+                    fillers.append(os.open(os.devnull, os.O_RDONLY))
+            nursery.start_soon(serve_resource, api.controller, name, plugin_dir)
+            await trio.sleep(0.5)
+            assert not (plugin_dir / socket_name(name)).exists()
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await until(lambda: (plugin_dir / socket_name(name)).exists())
+        nursery.cancel_scope.cancel()
+    assert any("cannot serve" in r.getMessage() for r in caplog.records)
