@@ -17,7 +17,9 @@ under its own accept loop, which keeps these rules:
    never an exception into the daemon's nursery.
 3. Deadlines: a connection with no request in flight is closed after
    :data:`IDLE_TIMEOUT` seconds (Hypercorn's keep-alive timer, which also bounds slow
-   headers: a request only stops the timer once its headers are complete); no single
+   headers: a request only stops the timer once its headers are complete; it is also
+   what ends a connection its client closed while idle, so such a connection keeps its
+   slot and descriptor until then); no single
    read waits longer than :data:`READ_TIMEOUT`; bodies are bounded by
    :class:`api.asgi.WholeExchanges` (64 KiB within 10 s).
 4. One connection's unexpected error is logged (rate-limited) and ends that connection

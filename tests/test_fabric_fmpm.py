@@ -671,5 +671,5 @@ async def test_a_program_that_cannot_start_for_any_os_reason_is_an_fmpm_error(
     program = tmp_path / "fmpm"
     program.write_bytes(b"\x7fELF not really")
     program.chmod(0o755)
-    with pytest.raises(FmpmError, match="cannot start .*Exec format error"):
+    with pytest.raises(FmpmError, match=r"cannot start .*Exec format error"):
         await run_fmpm([str(program), "-l"])
