@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["daemon.py", "churn.py", "fm_ops.py", "rest.py", "dra.py"]
+BENCHMARKS = ["daemon.py", "churn.py", "fm_ops.py", "rest.py", "dra.py", "prepare_node.py"]
 
 
 def main() -> int:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import yaml
 
 from nvswitch_dp.fabric.platforms import platform_names
+from nvswitch_dp.vfio.identity import MAX_MODULE_ID
 from nvswitch_dp.vfio.pci_ids import (
     default_gpu_device_ids,
     normalize_device_key,
@@ -57,7 +58,6 @@ ENV_NODE_NAME = "NODE_NAME"  # DRA mode's node name (the downward API's spec.nod
 DEFAULT_DRA_DRIVER = "gpu.nvswitch-dp.io"
 DEFAULT_KUBELET_PLUGINS_DIR = "/var/lib/kubelet/plugins"
 MAX_DRIVER_NAME = 63  # resource.k8s.io: a driver name is a DNS subdomain of <= 63 chars
-MAX_MODULE_ID = 16  # FM's limit: 16 GPUs per node
 # Longest suffix a resource name gets ("-16x"); the name part must stay within 63 chars.
 _LONGEST_SIZE_SUFFIX = len("-16x")
 

@@ -226,7 +226,11 @@ def node_module_map(config: Config, found: Sequence[PciGpu]) -> ModuleResolution
     present = {g.address: g.key for g in found}
     resolution = resolve_module_map(config.module_map, inventory, present)
     if resolution.source == "inventory":
-        log.info("module map from the node inventory %s: %s", path, resolution.module_map)
+        log.info(
+            "module map from the node inventory %s: %s",
+            path,
+            dict(sorted(resolution.module_map.items())),
+        )
     for problem in resolution.problems:
         log.error("%s", problem)
     return resolution

@@ -1,9 +1,13 @@
 """The main job on the embedded default: a simulated HGX H200 node, end to end.
 
-Runs the real daemon as a subprocess on a simulated node (sysfs/dev tree and Fabric
-Manager simulator under a fresh state directory), with the grpcio kubelet stand-in
-playing the kubelet: registration of every resource, one 4x allocation, the overlapping
-partitions leaving the pool, the inventory over REST. Then it keeps serving until
+Starts from a simulated node as a freshly installed one is: every GPU on the ``nvidia``
+driver (sysfs, /dev and /proc trees whose driver-binding files behave as the kernel's, a
+simulated ``nvidia-smi``). ``nvswitch-dp prepare-node`` reads the module IDs into the
+node inventory and binds the GPUs to vfio-pci; then the real daemon runs as a subprocess
+with a configuration that sets no ``module_map`` (Fabric Manager simulator under the
+same state directory), with the grpcio kubelet stand-in playing the kubelet:
+registration of every resource, one 4x allocation, the overlapping partitions leaving
+the pool, the inventory over REST. Then it keeps serving until
 Ctrl-C (or, with ``wait=False``, stops at once), and shuts the daemon down with SIGTERM.
 
 :func:`run_dra_demo` (``nvswitch-dp demo --mode dra``) does the same in DRA mode, with
@@ -58,12 +62,14 @@ def run_demo(
     plugin_dir = workdir / "device-plugins"
     plugin_dir.mkdir()
     _say(f"demo directory: {workdir}")
+    config = _prepare_node(workdir, platform)
+    if config is None:
+        return 1
     kubelet = KubeletStandIn(plugin_dir)
     kubelet.start()
     command = [
         sys.executable, "-m", "nvswitch_dp", "run",
-        "--simulate", platform,
-        "--state-dir", str(workdir / "state"),
+        "--config", str(config),
         "--plugin-dir", str(plugin_dir),
         "--api-listen", api_listen,
     ]  # fmt: skip
@@ -83,6 +89,44 @@ def run_demo(
                 daemon.kill()
         kubelet.stop()
         _say(f"daemon exited with status {daemon.returncode}")
+
+
+def _prepare_node(workdir: Path, platform_name: str) -> Path | None:
+    """A simulated node with its GPUs on nvidia, prepared by ``prepare-node``; the
+    configuration the daemon then runs with (no ``module_map``), or ``None`` if the
+    preparation failed (its output says why)."""
+    from nvswitch_dp.fabric.platforms import platform
+    from nvswitch_dp.vfio.nvidia_smi_sim import install_nvidia_smi
+    from nvswitch_dp.vfio.simulate import build_simulated_node
+
+    node = build_simulated_node(workdir / "node", platform(platform_name), gpu_driver="nvidia")
+    nvidia_smi = install_nvidia_smi(node)
+    config = workdir / "config.yaml"
+    config.write_text(
+        "version: v1\n"
+        f"state_dir: {workdir / 'state'}\n"
+        f"fabric_manager:\n  backend: simulator\n  simulator_platform: {platform_name}\n"
+        f"vfio:\n  sysfs_root: {node.sysfs_root}\n  dev_root: {node.dev_root}\n"
+    )
+    command = [
+        sys.executable, "-m", "nvswitch_dp", "prepare-node",
+        "--config", str(config),
+        "--proc-root", str(node.proc_root),
+        "--nvidia-smi", str(nvidia_smi),
+        "--bind-vfio",
+    ]  # fmt: skip
+    _say(
+        f"\n0. a new node: {len(node.module_map)} GPUs on the nvidia driver, no module_map "
+        "in the configuration. Preparing it:"
+    )
+    _say("$ " + " ".join(command[2:]).replace("nvswitch_dp", "nvswitch-dp", 1))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    for line in (result.stdout + result.stderr).splitlines():
+        _say(f"   {line}")
+    if result.returncode != 0:
+        _say(f"prepare-node exited with status {result.returncode}")
+        return None
+    return config
 
 
 def _walk_through(

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from nvswitch_dp.fabric.types import FabricManagerError, FmReport
+from nvswitch_dp.node_args import add_node_arguments, load_node_config
 from nvswitch_dp.vfio.discovery import (
     VFIO_DRIVER,
     PciGpu,
@@ -49,7 +50,6 @@ from nvswitch_dp.vfio.inventory import (
 )
 
 DEFAULT_FM_CONFIG = Path("/usr/share/nvidia/nvswitch/fabricmanager.cfg")
-DEFAULT_CONFIG = Path("/etc/nvswitch-dp/config.yaml")
 VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
 _IOMMU_FLAGS = re.compile(r"(?:^|\s)(intel_iommu=on|amd_iommu=on|iommu=pt|iommu=on)(?=\s|$)")
 _FM_KEY_VALUE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
@@ -355,7 +355,9 @@ def check_gpus_vfio(facts: NodeFacts) -> CheckResult:
             Status.FAIL,
             f"{len(facts.gpus)} GPU(s) ({', '.join(_found_ids(facts))}) cannot be passed "
             "to a VM: the node has no IOMMU groups",
-            "turn the IOMMU on first (see the iommu check), then "
+            "turn the IOMMU on first (see the iommu check): binding cannot help before; "
+            f"then bind the {' '.join(_found_ids(facts))} GPU(s) at "
+            f"{', '.join(g.address for g in facts.gpus)} with "
             "`nvswitch-dp prepare-node --bind-vfio`",
         )
     unbound = [g.address for g, _ in problems if g.vfio.present and g.vfio.driver != VFIO_DRIVER]
@@ -478,7 +480,8 @@ def check_fm_reachable(facts: NodeFacts) -> CheckResult:
 FIX_MODULE_MAP = (
     "with the GPUs still on the nvidia driver, run `nvswitch-dp prepare-node` (it records "
     "every GPU's module ID in <state-dir>/node-inventory.json, which the daemon reads when "
-    "module_map is not set; `--print-module-map` prints a module_map: block instead); by "
+    "module_map is not set; `nvswitch-dp prepare-node --print-module-map` prints a "
+    "module_map: block instead); by "
     "hand: `nvidia-smi -q | grep -iE '^GPU |module id'` (driver 580 prints 'Module Id', "
     "older ones 'Module ID') and set module_map to `<module ID>: \"0000:<bus>:00.0\"` "
     "(nvidia-smi's 8-digit domain 00000000 becomes 0000)"
@@ -676,17 +679,7 @@ def doctor_parser() -> argparse.ArgumentParser:
         prog="nvswitch-dp doctor",
         description="Check that this node is ready for the device plugin.",
     )
-    p.add_argument(
-        "--config", metavar="FILE", help="daemon config (default: $HGX_H200_CONFIG_PATH)"
-    )
-    p.add_argument("--proc-root", metavar="DIR", default="/proc", help="default: /proc")
-    p.add_argument("--sysfs-root", metavar="DIR", help="default: vfio.sysfs_root from the config")
-    p.add_argument("--dev-root", metavar="DIR", help="default: vfio.dev_root from the config")
-    p.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        help="where the node inventory is (default: state_dir from the config)",
-    )
+    add_node_arguments(p, proc_help="default: /proc")
     p.add_argument(
         "--fm-config", metavar="FILE", default=str(DEFAULT_FM_CONFIG), help="fabricmanager.cfg"
     )
@@ -737,15 +730,11 @@ def doctor_main(
     0: no check failed; 1: a check failed; 2: bad arguments or configuration.
     ``list_partitions`` replaces the FM client the configuration names (tests).
     """
-    from nvswitch_dp.config import ConfigError, load_config
+    from nvswitch_dp.config import ConfigError
 
     args = doctor_parser().parse_args(argv)
-    env = dict(os.environ)
-    config_path = args.config or env.get("HGX_H200_CONFIG_PATH")
-    if config_path is None and DEFAULT_CONFIG.exists():
-        config_path = str(DEFAULT_CONFIG)
     try:
-        config = load_config(Path(config_path) if config_path else None, env)
+        config = load_node_config(args)
     except (ConfigError, OSError) as exc:
         print(f"nvswitch-dp doctor: configuration error: {exc}", file=sys.stderr)
         return 2

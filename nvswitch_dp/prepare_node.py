@@ -6,6 +6,7 @@ systemd oneshot on the host)::
     nvswitch-dp prepare-node [--config FILE] [--state-dir DIR] [--sysfs-root DIR]
         [--dev-root DIR] [--proc-root DIR] [--driver-root DIR] [--nvml-library PATH]
         [--nvidia-smi PATH] [--print-module-map | --bind-vfio] [--dry-run]
+        [--allow-refused]
 
 1. **Discover.** Every configured GPU (``vfio.gpu_device_ids``) bound to the ``nvidia``
    driver is asked for its module ID, PCI bus ID, UUID and serial: through NVML first
@@ -18,36 +19,52 @@ systemd oneshot on the host)::
 3. **Bind** (``--bind-vfio``): every configured GPU, and every function of its IOMMU
    group that must move too, goes to vfio-pci through ``driver_override``, ``unbind``
    and ``drivers_probe`` (:mod:`nvswitch_dp.vfio.binding`), after the vfio modules are
-   loaded; never a GPU a process still holds open (``<proc>/<pid>/fd``), never an
-   NVSwitch. Then each GPU's VFIO state is checked as the daemon checks it.
+   loaded; a group moves whole or not at all, and never with a GPU a process still holds
+   open (``<proc>/<pid>/fd``), an NVSwitch, or a host device of another vendor. Then
+   each GPU's VFIO state is checked as the daemon checks it.
 
 ``--print-module-map`` prints a ``module_map:`` block for the configuration and
 changes nothing; ``--dry-run`` prints every write it would make and changes nothing. A
 second run changes nothing and says so. On a simulated node (a sysfs root built by
 :mod:`nvswitch_dp.vfio.simulate`, which says so in its marker file) the writes go to
-the simulated kernel; everywhere else to the real sysfs.
+the simulated kernel and NVML is not asked (it would describe the machine's real GPUs,
+if any); everywhere else the writes go to the real sysfs.
 
 Exit status, as ``doctor``: 0 when everything asked for was done (warnings allowed); 1
 when something could not be done (discovery failed for a GPU on nvidia, a GPU was
 refused, a write failed, a GPU is unusable afterwards); 2 for bad arguments or
-configuration. Inconsistencies the daemon itself refuses GPU by GPU (a configured
-``module_map`` contradicting the inventory, a GPU on vfio-pci the inventory does not
-know) are warnings: the node still serves its other GPUs.
+configuration. With ``--allow-refused`` (the init container's setting) refused GPUs
+alone exit 0: each is named, and the daemon serves the others.
+
+Inconsistencies the daemon itself refuses GPU by GPU (a configured ``module_map``
+contradicting the inventory, a GPU on vfio-pci the inventory does not know) are
+warnings: the node still serves its other GPUs.
+
+Every outside call is bounded: NVML is given up after :data:`NVML_TIMEOUT_S` (its calls
+block in the driver and cannot be interrupted, so they run in a daemon thread), and
+``nvidia-smi`` after :data:`NVIDIA_SMI_TIMEOUT_S` or
+:data:`~nvswitch_dp.vfio.identity.MAX_SMI_OUTPUT_BYTES` of output, then killed. The
+host's ``nvidia-smi`` run from a container sees only the host's NVML on its library
+path, never the host's libc.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import selectors
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from nvswitch_dp.config import Config, ConfigError, load_config
+from nvswitch_dp.config import ConfigError
+from nvswitch_dp.node_args import add_node_arguments, load_node_config
 from nvswitch_dp.ports import PciKernel
 from nvswitch_dp.vfio.binding import (
     BindPlan,
@@ -77,10 +94,12 @@ from nvswitch_dp.vfio.inventory import (
     resolve_module_map,
     save_inventory,
 )
+from nvswitch_dp.vfio.nvml import NVML_SONAME, NvmlUnavailable, read_identities_nvml
 
-DEFAULT_CONFIG = Path("/etc/nvswitch-dp/config.yaml")
 NVIDIA_DRIVER = "nvidia"
 NVIDIA_SMI_TIMEOUT_S = 120.0
+NVML_TIMEOUT_S = 120.0
+KILL_GRACE_S = 5.0
 # Where a driver root (a host's /, or the GPU Operator's /run/nvidia/driver) keeps NVML
 # and nvidia-smi, in the order NVIDIA's own container tooling searches them.
 _LIBRARY_DIRS = (
@@ -106,7 +125,7 @@ class Tools:
 
     nvml_library: Path | None = None
     nvidia_smi: str = "nvidia-smi"
-    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for nvidia-smi
+    use_nvml: bool = True  # False on a simulated node: NVML would describe the real GPUs
 
 
 def find_tools(driver_root: Path | None, nvml_library: str | None, nvidia_smi: str | None) -> Tools:
@@ -134,8 +153,7 @@ def find_tools(driver_root: Path | None, nvml_library: str | None, nvidia_smi: s
                 ),
                 None,
             )
-    env = {"LD_LIBRARY_PATH": str(library.parent)} if library is not None else {}
-    return Tools(library, program or "nvidia-smi", env)
+    return Tools(library, program or "nvidia-smi")
 
 
 def run_nvidia_smi(tools: Tools, timeout: float = NVIDIA_SMI_TIMEOUT_S) -> str:
@@ -144,17 +162,27 @@ def run_nvidia_smi(tools: Tools, timeout: float = NVIDIA_SMI_TIMEOUT_S) -> str:
     Errors: :class:`DiscoveryError` when the program is missing, runs over ``timeout``,
     prints more than :data:`MAX_SMI_OUTPUT_BYTES`, or exits non-zero (its message kept).
     """
-    env = {**os.environ, **tools.env}
+    with tempfile.TemporaryDirectory(prefix="nvswitch-dp-nvml-") as only_nvml:
+        env = dict(os.environ)
+        if tools.nvml_library is not None:
+            # Only NVML joins the program's library path, never the host's whole library
+            # directory: the host's libc would replace this container's.
+            (Path(only_nvml) / NVML_SONAME).symlink_to(tools.nvml_library)
+            env["LD_LIBRARY_PATH"] = only_nvml
+        return _run_bounded(tools.nvidia_smi, env, timeout)
+
+
+def _run_bounded(program: str, env: Mapping[str, str], timeout: float) -> str:
     try:
         process = subprocess.Popen(
-            [tools.nvidia_smi, "-q"],
+            [program, "-q"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
         )
     except OSError as exc:
-        raise DiscoveryError(f"cannot run {tools.nvidia_smi}: {exc.strerror or exc}") from None
+        raise DiscoveryError(f"cannot run {program}: {exc.strerror or exc}") from None
     assert process.stdout is not None
     chunks: list[bytes] = []
     size = 0
@@ -165,7 +193,7 @@ def run_nvidia_smi(tools: Tools, timeout: float = NVIDIA_SMI_TIMEOUT_S) -> str:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                problem = f"{tools.nvidia_smi} -q ran over {timeout:g} s"
+                problem = f"{program} -q ran over {timeout:g} s"
                 break
             if not selector.select(left):
                 continue
@@ -175,17 +203,25 @@ def run_nvidia_smi(tools: Tools, timeout: float = NVIDIA_SMI_TIMEOUT_S) -> str:
             chunks.append(chunk)
             size += len(chunk)
             if size > MAX_SMI_OUTPUT_BYTES:
-                problem = f"{tools.nvidia_smi} -q printed more than {MAX_SMI_OUTPUT_BYTES} bytes"
+                problem = f"{program} -q printed more than {MAX_SMI_OUTPUT_BYTES} bytes"
                 break
+        if problem is None:
+            try:  # it closed its output: it still gets only what is left of the deadline
+                status = process.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                problem = f"{program} -q ran over {timeout:g} s"
         if problem is not None:
             process.kill()
-        status = process.wait()
+            try:  # a process in uninterruptible sleep (a wedged GPU) outlives SIGKILL
+                process.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                problem += f"; it did not exit after SIGKILL (pid {process.pid} left behind)"
     if problem is not None:
         raise DiscoveryError(problem)
     text = b"".join(chunks).decode(errors="replace")
     if status != 0:
         said = " ".join(text.split())[:300]
-        raise DiscoveryError(f"{tools.nvidia_smi} -q exited {status}: {said}")
+        raise DiscoveryError(f"{program} -q exited {status}: {said}")
     return text
 
 
@@ -194,21 +230,53 @@ def read_identities(tools: Tools, say: _Say) -> tuple[GpuIdentity, ...]:
 
     Errors: :class:`DiscoveryError` naming both causes when neither answers.
     """
-    from nvswitch_dp.vfio.nvml import NvmlUnavailable, read_identities_nvml
-
-    try:
-        identities = read_identities_nvml(tools.nvml_library)
-    except NvmlUnavailable as exc:
-        say(f"NVML unavailable ({exc}); reading `{tools.nvidia_smi} -q` instead")
+    if not tools.use_nvml:
+        say(f"simulated node: NVML not asked; reading `{tools.nvidia_smi} -q`")
     else:
-        say(f"modules read with NVML for {len(identities)} GPU(s)")
-        return identities
+        try:
+            identities = _with_deadline(
+                lambda: read_identities_nvml(tools.nvml_library), NVML_TIMEOUT_S
+            )
+        except NvmlUnavailable as exc:
+            say(f"NVML unavailable ({exc}); reading `{tools.nvidia_smi} -q` instead")
+        else:
+            say(f"modules read with NVML for {len(identities)} GPU(s)")
+            return identities
     try:
         identities = parse_nvidia_smi_q(run_nvidia_smi(tools))
     except (DiscoveryError, IdentityError) as exc:
         raise DiscoveryError(f"neither NVML nor nvidia-smi answered: {exc}") from None
     say(f"modules read with {tools.nvidia_smi} -q for {len(identities)} GPU(s)")
     return identities
+
+
+def _with_deadline(
+    call: Callable[[], tuple[GpuIdentity, ...]], timeout: float
+) -> tuple[GpuIdentity, ...]:
+    """``call()`` in a daemon thread, given up after ``timeout`` seconds.
+
+    NVML's calls block in the driver and cannot be interrupted; a wedged GPU must not
+    hang the node's start. A thread given up on is left to finish or to die with the
+    process (a daemon thread does not hold the exit). Errors: what ``call`` raises, or
+    :class:`~nvswitch_dp.vfio.nvml.NvmlUnavailable` after ``timeout``.
+    """
+    result: list[tuple[GpuIdentity, ...]] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as exc:  # carried to the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="nvml", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise NvmlUnavailable(f"NVML did not answer within {timeout:g} s")
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 def identities_of(gpus: Sequence[PciGpu], reported: Sequence[GpuIdentity]) -> list[GpuIdentity]:
@@ -254,18 +322,18 @@ class _Say:
 
 def module_map_yaml(module_map: Mapping[int, str], source: str) -> str:
     """A ``module_map:`` block for the configuration file."""
-    lines = [f"# module IDs as the NVIDIA driver reported them ({source})", "module_map:"]
+    lines = [f"# module IDs from {source}", "module_map:"]
     lines += [f'  {m}: "{a}"' for m, a in sorted(module_map.items())]
     return "\n".join(lines) + "\n"
 
 
-def _kernel_for(sysfs_root: Path) -> PciKernel:
+def _kernel_for(sysfs_root: Path) -> PciKernel | None:
+    """The simulated kernel when ``sysfs_root`` is a simulated node (its marker file says
+    so), else ``None``: the real sysfs."""
     from nvswitch_dp.vfio.simulate import SimulatedKernel, load_simulated_node
 
     node = load_simulated_node(sysfs_root)
-    if node is None:
-        return SysfsKernel()
-    return SimulatedKernel(node)
+    return None if node is None else SimulatedKernel(node)
 
 
 def prepare_parser() -> argparse.ArgumentParser:
@@ -276,17 +344,8 @@ def prepare_parser() -> argparse.ArgumentParser:
             "in the node inventory, and (with --bind-vfio) bind the GPUs to vfio-pci."
         ),
     )
-    p.add_argument(
-        "--config", metavar="FILE", help="daemon config (default: $HGX_H200_CONFIG_PATH)"
-    )
-    p.add_argument("--state-dir", metavar="DIR", help="default: state_dir from the config")
-    p.add_argument("--sysfs-root", metavar="DIR", help="default: vfio.sysfs_root from the config")
-    p.add_argument("--dev-root", metavar="DIR", help="default: vfio.dev_root from the config")
-    p.add_argument(
-        "--proc-root",
-        metavar="DIR",
-        default="/proc",
-        help="the host's /proc (to find processes holding a GPU open); default /proc",
+    add_node_arguments(
+        p, proc_help="the host's /proc (to find processes holding a GPU open); default /proc"
     )
     p.add_argument(
         "--driver-root",
@@ -314,21 +373,21 @@ def prepare_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan (every write) and change nothing"
     )
+    p.add_argument(
+        "--allow-refused",
+        action="store_true",
+        help="exit 0 when the only problems are GPUs refused (in use, no IOMMU group, "
+        "sharing a group with host devices): each is named, every other GPU is ready, and "
+        "the daemon serves those (an init container must not take the node down for one GPU)",
+    )
     return p
-
-
-def _load(args: argparse.Namespace) -> Config:
-    config_path = args.config or os.environ.get("HGX_H200_CONFIG_PATH")
-    if config_path is None and DEFAULT_CONFIG.exists():
-        config_path = str(DEFAULT_CONFIG)
-    return load_config(Path(config_path) if config_path else None, dict(os.environ))
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
     """``nvswitch-dp prepare-node``: returns the exit status (module docstring)."""
     args = prepare_parser().parse_args(argv)
     try:
-        config = _load(args)
+        config = load_node_config(args)
     except (ConfigError, OSError) as exc:
         print(f"nvswitch-dp prepare-node: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -339,6 +398,9 @@ def prepare_main(argv: list[str] | None = None) -> int:
     tools = find_tools(
         Path(args.driver_root) if args.driver_root else None, args.nvml_library, args.nvidia_smi
     )
+    simulated_kernel = _kernel_for(sysfs)
+    if simulated_kernel is not None:
+        tools = dataclasses.replace(tools, use_nvml=False)
     say = _Say()
     try:
         gpus = discover_gpus(sysfs, dev, config.vfio.gpu_device_ids)
@@ -358,20 +420,30 @@ def prepare_main(argv: list[str] | None = None) -> int:
     try:
         old = load_inventory(inventory_path)
     except (InventoryFileError, OSError) as exc:
-        say.fail(str(exc))
+        if len(on_nvidia) < len(gpus):
+            say.fail(str(exc))
+            return EXIT_PROBLEM
+        # Every GPU is on nvidia: the driver can tell every module again, so nothing the
+        # damaged file held is lost by writing it anew.
+        say.warn(f"{exc}; every GPU is on {NVIDIA_DRIVER}, so it is written anew")
+        old = None
+    discovered = _discover(on_nvidia, old, tools, say)
+    if discovered is None:
         return EXIT_PROBLEM
-    inventory = _discover(on_nvidia, old, tools, say)
-    if inventory is None:
-        return EXIT_PROBLEM
+    inventory, minors = discovered
     present = {g.address: g.key for g in gpus}
     resolution = resolve_module_map(config.module_map, inventory, present)
     for line in resolution.problems:
         say.warn(line)
     if args.print_module_map:
-        known = inventory.module_map() if inventory.gpus else dict(config.module_map)
-        sys.stdout.write(module_map_yaml(known, f"node inventory {inventory_path}"))
+        if inventory.gpus:
+            known = inventory.module_map()
+            source = f"the node inventory {inventory_path}, as the NVIDIA driver reported them"
+        else:
+            known, source = dict(config.module_map), "the configuration (no node inventory)"
+        sys.stdout.write(module_map_yaml(known, source))
         return EXIT_PROBLEM if say.problems else EXIT_OK
-    if inventory != (old or NodeInventory()):
+    if inventory != old:
         if args.dry_run:
             say(f"would write {inventory_path}")
         else:
@@ -384,7 +456,14 @@ def prepare_main(argv: list[str] | None = None) -> int:
     else:
         say(f"{inventory_path}: unchanged ({len(inventory.gpus)} GPU(s))")
     if args.bind_vfio:
-        _bind(gpus, sysfs, dev, proc, dry_run=args.dry_run, say=say)
+        kernel = simulated_kernel or SysfsKernel()
+        refused = _bind(gpus, sysfs, dev, proc, kernel, minors, dry_run=args.dry_run, say=say)
+        if refused and args.allow_refused and len(say.problems) == len(refused):
+            say(
+                f"--allow-refused: {len(refused)} GPU(s) left where they are "
+                f"({', '.join(refused)}); the daemon reports them unusable and serves the rest"
+            )
+            return EXIT_OK
     if say.problems:
         return EXIT_PROBLEM
     return EXIT_OK
@@ -392,12 +471,13 @@ def prepare_main(argv: list[str] | None = None) -> int:
 
 def _discover(
     on_nvidia: Sequence[PciGpu], old: NodeInventory | None, tools: Tools, say: _Say
-) -> NodeInventory | None:
-    """The inventory with what the driver reports now merged in; ``None`` after a failure
+) -> tuple[NodeInventory, dict[str, int]] | None:
+    """The inventory with what the driver reports now merged in, and the device minors
+    the driver reported (address -> N of ``/dev/nvidia<N>``); ``None`` after a failure
     (said). GPUs on vfio-pci keep their entries."""
     if not on_nvidia:
         say(f"no GPU on {NVIDIA_DRIVER}: nothing to read, the inventory stays as it is")
-        return old or NodeInventory()
+        return old or NodeInventory(), {}
     try:
         found = identities_of(on_nvidia, read_identities(tools, say))
         merge = merge_discovered(old, found, {g.address: g.key for g in on_nvidia})
@@ -408,19 +488,45 @@ def _discover(
         say(f"  module {identity.module_id}: {identity.address} {identity.uuid or ''}")
     for change in merge.changes:
         say(f"  inventory: {change}")
-    return merge.inventory
+    minors = {i.address: i.minor for i in found if i.minor is not None}
+    return merge.inventory, minors
 
 
 def _bind(
-    gpus: Sequence[PciGpu], sysfs: Path, dev: Path, proc: Path, *, dry_run: bool, say: _Say
-) -> None:
-    """Plan, check and (unless ``dry_run``) make the moves; verify the GPUs after."""
-    minors = {
-        g.address: m
-        for g in gpus
-        if g.driver == NVIDIA_DRIVER and (m := read_device_minor(proc, g.address)) is not None
-    }
+    gpus: Sequence[PciGpu],
+    sysfs: Path,
+    dev: Path,
+    proc: Path,
+    kernel: PciKernel,
+    reported_minors: Mapping[str, int],
+    *,
+    dry_run: bool,
+    say: _Say,
+) -> tuple[str, ...]:
+    """Plan, check and (unless ``dry_run``) make the moves; verify the GPUs after.
+    Returns the GPUs the plan refused (each said as a problem).
+
+    Whether a GPU is in use is read from ``<proc>/*/fd`` for its ``/dev/nvidia<minor>``:
+    the minor from the driver's ``/proc/driver/nvidia`` entry, else as the driver reported
+    it at discovery; a GPU whose minor is unknown counts as held (never guessed free).
+    A process that opens the GPU between this scan and the unbind is not seen: the
+    kernel's unbind then waits for it to close the device.
+    """
+    minors: dict[str, int] = {}
     held: dict[str, str] = {}
+    for g in gpus:
+        if g.driver != NVIDIA_DRIVER:
+            continue
+        minor = read_device_minor(proc, g.address)
+        minor = minor if minor is not None else reported_minors.get(g.address)
+        if minor is None:
+            held[g.address] = (
+                f"cannot tell whether it is in use: no /proc/driver/nvidia/gpus/{g.address} "
+                f"under {proc} and no minor number from the driver (pass the host's /proc "
+                "as --proc-root)"
+            )
+        else:
+            minors[g.address] = minor
     if minors:
         scan = find_open_holders(proc, {f"/dev/nvidia{m}" for m in minors.values()})
         for address, minor in minors.items():
@@ -449,17 +555,19 @@ def _bind(
             say(f"  {move.address}: {source} -> {VFIO_DRIVER} ({move.reason})")
             for write in move.writes:
                 say(f"    {write.shell()}")
-        return
+        return plan.refused
     else:
-        failure = execute_plan(plan, _kernel_for(sysfs), sysfs, say)
+        failure = execute_plan(plan, kernel, sysfs, say)
         if failure is not None:
             say.fail(failure)
-            return
-    refused = {r.split(":", 1)[0] for r in plan.refusals}
+            return plan.refused
     unusable = [
-        p for g in gpus if g.address not in refused and (p := vfio_problem(sysfs, dev, g.address))
+        p
+        for g in gpus
+        if g.address not in plan.refused and (p := vfio_problem(sysfs, dev, g.address))
     ]
     for problem in unusable:
         say.fail(problem)
     if not unusable and not plan.refusals:
         say(f"every GPU is on {VFIO_DRIVER} with a viable IOMMU group")
+    return plan.refused

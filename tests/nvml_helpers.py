@@ -19,12 +19,11 @@ pytest process itself.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from c_helpers import compile_shared_library
 
 FAKE_SOURCE = Path(__file__).parent / "fakes" / "libnvml_fake.c"
 FAKE_NVML_ENV = "NVSWITCH_DP_FAKE_NVML"
@@ -42,25 +41,8 @@ H200_GPU_LINE = f"{H200_BUS_ID} {H200_MODULE_ID} {H200_UUID} {H200_SERIAL}"
 @pytest.fixture(scope="session", name="fake_nvml_dir")
 def fake_nvml_dir_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding the fake ``libnvidia-ml.so.1``, compiled once per session."""
-    gcc = shutil.which("gcc")
-    assert gcc is not None, "gcc is needed to build the fake NVML library (apt-get install gcc)"
     directory = tmp_path_factory.mktemp("libnvml")
-    subprocess.run(
-        [
-            gcc,
-            "-shared",
-            "-fPIC",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            f"-Wl,-soname,{LIBRARY_NAME}",
-            "-o",
-            str(directory / LIBRARY_NAME),
-            str(FAKE_SOURCE),
-        ],
-        check=True,
-    )
+    compile_shared_library(FAKE_SOURCE, directory / LIBRARY_NAME, soname=LIBRARY_NAME)
     return directory
 
 

@@ -44,3 +44,35 @@ def write_function(
         (group_dir / "devices" / address).symlink_to(directory)
         (directory / "iommu_group").symlink_to(group_dir)
     return directory
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "h200-sxm-passthrough"
+REAL_ADDRESS = "0000:00:06.0"
+
+
+def real_like_node(root: Path) -> tuple[Path, Path, Path]:
+    """sysfs, dev and proc of the real H200 node of ``tests/fixtures/h200-sxm-passthrough``:
+    the attributes discovery reads (one GPU on ``nvidia``, no IOMMU group: a VM without a
+    virtual IOMMU) and the nvidia driver's ``information`` file."""
+    sysfs, dev, proc = root / "sys", root / "dev", root / "proc"
+    facts = dict(
+        line.split("=", 1)
+        for line in (FIXTURES / "sysfs-gpu.txt").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert (facts["vendor"], facts["device"], facts["iommu_group"]) == ("0x10de", "0x2335", "")
+    write_function(
+        sysfs,
+        REAL_ADDRESS,
+        vendor=facts["vendor"],
+        device=facts["device"],
+        pci_class=facts["class"],
+        driver="nvidia",
+        group=None,
+        numa_node=facts["numa_node"],
+    )
+    info = proc / "driver" / "nvidia" / "gpus" / REAL_ADDRESS / "information"
+    info.parent.mkdir(parents=True)
+    info.write_text((FIXTURES / "proc-driver-nvidia.txt").read_text().split("\n", 1)[1])
+    (dev / "vfio").mkdir(parents=True)
+    return sysfs, dev, proc

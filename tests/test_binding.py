@@ -160,3 +160,22 @@ def test_modprobe_is_run_without_a_shell_and_its_failure_is_said(tmp_path: Path)
     )
     with pytest.raises(OSError, match="not found"):
         SysfsKernel(str(tmp_path / "no-such-modprobe")).load_module("vfio_pci")
+
+
+def test_a_held_gpu_keeps_its_whole_group_even_when_another_gpu_shares_it() -> None:
+    group = [_gpu(GPU), _gpu(GPU2)]  # two GPUs behind one switch without ACS
+    plan = plan_binding(SYS, {GPU: group, GPU2: group}, [], {GPU2: "pid 42 (qemu)"})
+    assert plan.moves == ()
+    assert plan.refused == (GPU2, GPU)
+    assert plan.refusals == (
+        f"{GPU2}, {GPU}: in use: {GPU2}: pid 42 (qemu); stop it first, then run again",
+    )
+
+
+def test_host_devices_of_other_vendors_are_never_taken_unasked() -> None:
+    nic = _member("0000:5d:00.2", "mlx5_core", 0x020000)
+    nic = FunctionState(nic.address, nic.driver, nic.pci_class, 7, False, vendor="15b3")
+    nvme = FunctionState("0000:5d:00.3", "nvme", 0x010802, 7, False, vendor="144d")
+    plan = plan_binding(SYS, {GPU: [_gpu(), nic, nvme]}, [])
+    assert plan.moves == () and plan.refused == (GPU,)
+    assert "0000:5d:00.2 on mlx5_core, 0000:5d:00.3 on nvme" in plan.refusals[0]

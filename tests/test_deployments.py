@@ -207,6 +207,41 @@ def test_host_mounts(daemonset: Doc) -> None:
     assert env["HGX_H200_CONFIG_PATH"] == "/etc/nvswitch-dp/config.yaml"
 
 
+def test_prepare_node_init_container_reads_the_modules_then_binds(daemonset: Doc) -> None:
+    pod = daemonset["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    assert init["image"] == container["image"]
+    assert init["args"][:3] == [
+        "prepare-node",
+        "--config=/etc/nvswitch-dp/config.yaml",
+        "--bind-vfio",
+    ]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
+    # What it writes: sysfs (binding) and the state directory (the inventory the daemon
+    # reads, at the same path in both containers); everything else read-only.
+    writable = {p for p, m in mounts.items() if not m.get("readOnly")}
+    assert writable == {"/sys", "/var/lib/nvswitch-dp", "/tmp"}
+    assert volumes[mounts["/host/proc"]["name"]]["hostPath"]["path"] == "/proc"
+    assert "--proc-root=/host/proc" in init["args"]
+    assert "--driver-root=/host/driver-root" in init["args"]
+    # one refused GPU must not keep the daemon (and every other GPU) from starting
+    assert "--allow-refused" in init["args"]
+    # the driver's directories only, never the host's root with its credentials
+    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert "/" not in host_paths and "/etc" not in host_paths
+    assert volumes[mounts["/host/driver-root/usr/lib"]["name"]]["hostPath"]["path"] == "/usr/lib"
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/var/lib/nvswitch-dp"}
+    sc = init["securityContext"]
+    assert sc["privileged"] is True and sc["readOnlyRootFilesystem"] is True
+    # The privilege is the init container's alone, and the pod stays in its own PID
+    # namespace: the host's /proc is read through a mount, not hostPID.
+    assert not pod.get("hostPID")
+    assert container["securityContext"]["privileged"] is False
+    assert init["resources"]["limits"]["memory"].endswith("Mi")
+
+
 def test_scheduling(daemonset: Doc) -> None:
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvswitch-dp.io/hgx": "true"}
@@ -220,7 +255,8 @@ def test_configmap_holds_a_valid_config(base: list[Doc], daemonset: Doc) -> None
     config = parse_config(text)
     assert config.plugin.resource_prefix == "nvidia.com/gpu-h200"
     assert dict(config.vfio.gpu_device_ids) == {"10de:2335": "H200 SXM 141GB"}
-    assert sorted(config.module_map) == list(range(1, 9))
+    # No hand-written map: the init container records it in the node inventory.
+    assert config.module_map == {}
     assert config.api.listen.endswith(":9090")
     token_file = config.api.token_file
     assert token_file is not None and str(token_file) == "/etc/nvswitch-dp/api-token/token"
@@ -280,7 +316,9 @@ def test_containerfile_user_entrypoint_and_installs() -> None:
     assert "apt-get" not in text
     # Every pip install installs the project (its pinned dependencies), never a bare name.
     for line in re.findall(r"pip (?:install|wheel)[^\n&\\]*", text):
-        assert line.rstrip().endswith((" .", "nvswitch-dp")), line
+        assert line.rstrip().endswith((" .", "nvswitch-dp", "'.[nvml]'", "'nvswitch-dp[nvml]'")), (
+            line
+        )
 
 
 def test_ignore_files_agree() -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from sysfs_helpers import REAL_ADDRESS, real_like_node
 
 from nvswitch_dp import doctor
 from nvswitch_dp.doctor import (
@@ -29,6 +30,7 @@ from nvswitch_dp.fabric.types import (
     FmReport,
 )
 from nvswitch_dp.vfio.discovery import PciGpu, VfioSnapshot
+from nvswitch_dp.vfio.pci_ids import GPU_DEVICE_IDS
 
 H200 = platform("hgx-h200")
 MODULE_MAP = H200.module_map()
@@ -497,3 +499,22 @@ def test_doctor_main_bad_config_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("version: v1\nno_such_key: 1\n")
     assert doctor.doctor_main(["--config", str(config), "--no-fm"]) == 2
+
+
+def test_on_a_node_like_the_real_h200_the_fixes_name_its_id_and_the_iommu_once(
+    tmp_path: Path,
+) -> None:
+    sysfs, dev, proc = real_like_node(tmp_path)
+    roots = doctor.Roots(proc=proc, sysfs=sysfs, dev=dev, fm_config=tmp_path / "absent.cfg")
+    results = run_checks(roots, gpu_device_ids=GPU_DEVICE_IDS, module_map={})
+    gpus = check(results, "gpus-vfio")
+    assert gpus.status is Status.FAIL
+    assert "10de:2335" in gpus.fix and REAL_ADDRESS in gpus.fix
+    others = [key for key in GPU_DEVICE_IDS if key != "10de:2335"]
+    fixes = " ".join(r.fix for r in results)
+    assert not [key for key in others if key in fixes]  # never another model's ID
+    assert check(results, "iommu").fix == doctor.FIX_IOMMU
+    assert fixes.count("intel_iommu=on") == 1  # the IOMMU fix once, no bind recipe
+    assert "driver_override" not in gpus.fix
+    module_map = check(results, "module-map")
+    assert "prepare-node --print-module-map" in module_map.fix

@@ -10,13 +10,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from c_helpers import compile_shared_library
 
 from nvswitch_dp.fabric import libnvfm
 from nvswitch_dp.fabric.libnvfm import (
@@ -41,24 +40,8 @@ STATE_ENV = "NVSWITCH_DP_FAKE_NVFM_STATE"
 @pytest.fixture(scope="session")
 def fake_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fake libnvfm, compiled once per session with the machine's gcc."""
-    gcc = shutil.which("gcc")
-    assert gcc is not None, "gcc is needed to build the fake libnvfm (apt-get install gcc)"
     out = tmp_path_factory.mktemp("libnvfm") / "libnvfm_fake.so"
-    subprocess.run(
-        [
-            gcc,
-            "-shared",
-            "-fPIC",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-o",
-            str(out),
-            str(FAKE_SOURCE),
-        ],
-        check=True,
-    )
+    compile_shared_library(FAKE_SOURCE, out)
     return out
 
 

@@ -8,6 +8,7 @@ a different node or driver would print differently.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ def test_the_real_h200_output_gives_module_8_at_the_sysfs_address() -> None:
         uuid=REAL_UUID,
         serial="1650000000001",
         source=SOURCE_NVIDIA_SMI,
+        minor=0,
     )
 
 
@@ -90,6 +92,40 @@ def test_not_available_module_is_none_and_check_names_the_gpu() -> None:
         check_identities(gpus)
 
 
+@pytest.mark.parametrize(
+    "printed",
+    ["[Not Supported]", "Insufficient Permissions", "GPU requires reset", "eight", "17", "-1"],
+)
+def test_a_module_no_driver_could_mean_leaves_only_that_gpu_without_one(printed: str) -> None:
+    header, _ = _header_and_gpu(REAL)
+    text = header + _gpu_block("00000000:5D:00.0", printed) + _gpu_block("00000000:18:00.0", "1")
+    gpus = parse_nvidia_smi_q(text)
+    assert [(g.module_id, g.module_text) for g in gpus] == [(None, printed), (1, None)]
+    with pytest.raises(IdentityError, match=re.escape(f"0000:5d:00.0 ({printed!r})")):
+        check_identities(gpus)
+
+
+def test_the_module_under_platform_info_wins_over_one_printed_before_it() -> None:
+    header, _ = _header_and_gpu(REAL)
+    block = _gpu_block("00000000:5D:00.0", "3")
+    # a section before Platform Info with a key of the same name (MIG devices, say)
+    block = block.replace(
+        "    MIG Mode\n", "    MIG Devices\n        Module Id                 : 9\n    MIG Mode\n"
+    )
+    (gpu,) = parse_nvidia_smi_q(header + block)
+    assert gpu.module_id == 3
+
+
+def test_wide_pci_domains_keep_their_digits() -> None:
+    header, _ = _header_and_gpu(REAL)
+    (gpu,) = parse_nvidia_smi_q(header + _gpu_block("00010000:5D:00.0", "3"))
+    assert gpu.address == "10000:5d:00.0"  # as sysfs prints a 32-bit domain (%04x)
+
+
+def test_crlf_output_parses_the_same() -> None:
+    assert parse_nvidia_smi_q(REAL.replace("\n", "\r\n")) == parse_nvidia_smi_q(REAL)
+
+
 def test_two_gpus_reporting_one_module_are_named() -> None:
     header, _ = _header_and_gpu(REAL)
     text = header + _gpu_block("00000000:5D:00.0", "2") + _gpu_block("00000000:18:00.0", "2")
@@ -105,7 +141,6 @@ def test_two_gpus_reporting_one_module_are_named() -> None:
         ("", "printed no GPU"),
         ("No devices were found\n", "printed no GPU"),
         ("GPU 00000000:00:40.0\n    Module Id : 1\n", "not a PCI address"),
-        ("GPU 00000000:00:06.0\n    Module Id : eight\n", "module ID 'eight' is not a number"),
         ("x" * (MAX_SMI_OUTPUT_BYTES + 1), "more than"),
     ],
 )
@@ -136,3 +171,19 @@ def test_any_board_round_trips(layout: dict[tuple[int, int, int], int]) -> None:
     assert {(g.address, g.module_id) for g in gpus} == {
         (f"0000:{b:02x}:{d:02x}.{f}", m) for (b, d, f), m in layout.items()
     }
+
+
+def test_the_documented_hand_recipe_prints_what_the_docs_show_on_the_real_output() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    command = "nvidia-smi -q | grep -iE '^GPU |module id'"
+    block = docs.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    grep = subprocess.run(
+        ["grep", "-iE", "^GPU |module id", str(FIXTURES / "nvidia-smi-q.txt")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert grep.stdout == block
+    assert [(g.address, g.module_id) for g in parse_nvidia_smi_q(grep.stdout)] == [
+        ("0000:00:06.0", 8)
+    ]

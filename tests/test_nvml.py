@@ -98,13 +98,18 @@ def _read(
     return Outcome(gpus=first, error=None, after=result["after"])
 
 
-def _gpu(address: str, module_id: int | None, uuid: str | None, serial: str | None) -> Any:
+def _gpu(
+    address: str, module_id: int | None, uuid: str | None, serial: str | None, minor: int = 0
+) -> Any:
+    """A GPU as read; ``minor``: its /dev/nvidia<minor> (the fake numbers in file order)."""
     return {
         "address": address,
         "module_id": module_id,
         "uuid": uuid,
         "serial": serial,
         "source": SOURCE_NVML,
+        "minor": minor,
+        "module_text": None,
     }
 
 
@@ -133,7 +138,7 @@ def test_eight_gpus_in_nvml_order_with_sysfs_addresses(tmp_path: Path, fake_nvml
         uuid = f"GPU-00000000-1111-2222-3333-44444444440{index}"
         serial = f"165000000000{index}"
         lines.append(f"00000000:{bus}:00.0 {by_address[address]} {uuid} {serial}")
-        expected.append(_gpu(address, by_address[address], uuid, serial))
+        expected.append(_gpu(address, by_address[address], uuid, serial, index))
     outcome = _read(tmp_path, lines=lines, search=fake_nvml_dir)
     assert outcome.gpus == expected
     assert len(expected) == 8
@@ -149,8 +154,8 @@ def test_module_id_not_supported_is_none(tmp_path: Path, fake_nvml_dir: Path) ->
     outcome = _read(tmp_path, lines=lines, search=fake_nvml_dir)
     assert outcome.gpus == [
         H200,
-        _gpu("0000:00:07.0", None, "GPU-00000000-1111-2222-3333-555555555555", "1650000000002"),
-        _gpu("0000:00:08.0", 3, None, None),
+        _gpu("0000:00:07.0", None, "GPU-00000000-1111-2222-3333-555555555555", "1650000000002", 1),
+        _gpu("0000:00:08.0", 3, None, None, 2),
     ]
 
 

@@ -32,14 +32,15 @@ def free_port() -> int:
 
 
 class DaemonProcess:
-    """``nvswitch-dp run --simulate PLATFORM`` as a child process."""
+    """``nvswitch-dp run --simulate PLATFORM`` as a child process (``platform=None``: plain
+    ``run``, the node named by a ``--config`` in ``extra_args``)."""
 
     def __init__(
         self,
         workdir: Path,
         plugin_dir: Path,
         *,
-        platform: str = "hgx-h200",
+        platform: str | None = "hgx-h200",
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         command_prefix: list[str] | None = None,
@@ -50,10 +51,13 @@ class DaemonProcess:
         self.plugin_dir = plugin_dir
         self.state_dir = workdir / "state"
         self.port = free_port()
+        # platform None: no --simulate; the node comes from a --config in extra_args
+        # (a tree prepared with prepare-node, say).
+        simulate = ["--simulate", platform] if platform is not None else []
         self.command = [
             *(command_prefix or []),
             sys.executable, "-m", "nvswitch_dp", "run",
-            "--simulate", platform,
+            *simulate,
             "--state-dir", str(self.state_dir),
             "--plugin-dir", str(plugin_dir),
             "--api-listen", f"127.0.0.1:{self.port}",
@@ -137,7 +141,7 @@ class DaemonProcess:
 def simulated_node(
     workdir: Path,
     *,
-    platform: str = "hgx-h200",
+    platform: str | None = "hgx-h200",
     sizes: tuple[int, ...] = (1, 2, 4, 8),
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,

@@ -8,10 +8,12 @@ moves one function at a time, and takes it from a driver that already holds it, 
     echo <a>          > /sys/bus/pci/drivers/<current driver>/unbind
     echo <a>          > /sys/bus/pci/drivers_probe
 
-An IOMMU group is handed to a VM whole, so every other function of a GPU's group moves
-too, except bridges (the kernel lets them stay) and functions already on ``vfio-pci``,
-``pci-stub`` or no driver. An NVSwitch is never moved: Fabric Manager needs it on the
-host; a group holding one is refused.
+An IOMMU group is handed to a VM whole, so a GPU's group moves whole or not at all: its
+NVIDIA functions go with it; bridges (the kernel lets them stay) and functions already on
+``vfio-pci``, ``pci-stub`` or no driver stay. A group is refused, never half moved, when it
+holds an NVSwitch (Fabric Manager needs it on the host), a function of another vendor on
+a host driver (a NIC or a drive sharing the group without ACS), or a GPU a process holds
+open, or when it is no group at all (the IOMMU is off).
 
 Halves, as in :mod:`nvswitch_dp.vfio.discovery`:
 
@@ -42,7 +44,7 @@ from nvswitch_dp.vfio.discovery import (
     PciGpu,
     read_function,
 )
-from nvswitch_dp.vfio.pci_ids import BRIDGE_CLASSES, NVSWITCH_CLASS
+from nvswitch_dp.vfio.pci_ids import BRIDGE_CLASSES, NVIDIA_VENDOR_ID, NVSWITCH_CLASS
 
 # The modules vfio-pci needs; the names /sys/module shows them under.
 VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
@@ -61,6 +63,7 @@ class FunctionState:
     iommu_group: int | None
     is_gpu: bool  # a configured GPU (moved for its own sake)
     override: str | None = None  # driver_override; None for "(null)"
+    vendor: str | None = NVIDIA_VENDOR_ID  # "10de"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +101,15 @@ class BindPlan:
     moves: tuple[Move, ...]
     refusals: tuple[str, ...]
     already: int
+    refused: tuple[str, ...] = ()  # the GPU addresses the refusals name
 
     @property
     def changes_nothing(self) -> bool:
         return not self.modules and not self.moves
+
+
+def _class(fn: FunctionState) -> int | None:
+    return None if fn.pci_class is None else fn.pci_class >> 8
 
 
 def _is_bridge(pci_class: int | None) -> bool:
@@ -119,6 +127,49 @@ def _writes(sysfs_root: Path, fn: FunctionState) -> tuple[Write, ...]:
     return tuple(writes)
 
 
+def _group_refusal(members: Sequence[FunctionState], held: Mapping[str, str]) -> str | None:
+    """Why this IOMMU group must stay where it is, naming the functions; ``None`` when it
+    may move. Pure."""
+    group = next((m.iommu_group for m in members if m.iommu_group is not None), None)
+    if group is None or any(m.is_gpu and m.iommu_group is None for m in members):
+        # vfio-pci refuses a device without a group (outside noiommu mode), and no VM
+        # could be given one.
+        return (
+            "has no IOMMU group (the IOMMU is off, or this is a VM without a virtual "
+            "IOMMU); enable the IOMMU before binding to vfio-pci"
+        )
+    switches = [m.address for m in members if _class(m) == NVSWITCH_CLASS]
+    if switches:
+        return (
+            f"IOMMU group {group} also holds NVSwitch {', '.join(switches)}, which Fabric "
+            "Manager needs on the host (check ACS in the BIOS)"
+        )
+    several = sum(m.is_gpu for m in members) > 1
+    busy = [
+        f"{m.address}: {held[m.address]}" if several else held[m.address]
+        for m in members
+        if m.address in held and m.driver != VFIO_DRIVER
+    ]
+    if busy:
+        return f"in use: {'; '.join(busy)}; stop it first, then run again"
+    foreign = [
+        f"{m.address} on {m.driver}"
+        for m in members
+        if not m.is_gpu
+        and m.driver not in VIABLE_DRIVERS
+        and m.driver is not None
+        and not _is_bridge(m.pci_class)
+        and m.vendor != NVIDIA_VENDOR_ID
+    ]
+    if foreign:
+        return (
+            f"IOMMU group {group} also holds {', '.join(foreign)}, which would have to leave "
+            "the host with the GPU; move them to vfio-pci yourself if that is meant, or "
+            "enable ACS so that each GPU has its own group"
+        )
+    return None
+
+
 def plan_binding(
     sysfs_root: Path,
     groups: Mapping[str, Sequence[FunctionState]],
@@ -128,60 +179,50 @@ def plan_binding(
     """The plan that puts every GPU of ``groups`` (GPU address -> every function of its
     IOMMU group, the GPU included) on vfio-pci with a viable group.
 
-    Refused, each with a line in ``refusals`` and no move for it or its group: a GPU
-    without an IOMMU group (vfio-pci could bind it, but no VM could use it: the IOMMU is
-    off, or this is a VM without a virtual IOMMU), a group holding an NVSwitch, and a GPU
-    in ``held`` (address -> who holds it open). The other GPUs are planned. Pure.
+    A group is moved whole or not at all. Refused, with a line in ``refusals`` naming its
+    GPUs and their addresses in ``refused``: a GPU without an IOMMU group, a group
+    holding an NVSwitch, a group with a function in ``held`` (address -> who holds it
+    open, or why that cannot be told), and a group holding a function of another vendor
+    on a host driver (a NIC or an NVMe drive behind the same switch without ACS: never
+    taken from the host unasked). NVIDIA functions of the group (a GPU's audio function)
+    move with it; bridges, unbound and pci-stub functions stay. Pure.
     """
     held = held or {}
     moves: list[Move] = []
     refusals: list[str] = []
-    planned: set[str] = set()
+    refused: list[str] = []
+    seen: set[str] = set()
     already = 0
     for gpu_address, members in sorted(groups.items()):
-        gpu = next((m for m in members if m.address == gpu_address), None)
-        if gpu is None:
+        if gpu_address in seen:
+            continue  # planned with a GPU of the same group
+        if not any(m.address == gpu_address for m in members):
             refusals.append(f"{gpu_address}: gone from the PCI bus")
+            refused.append(gpu_address)
             continue
-        if gpu.iommu_group is None:
-            refusals.append(
-                f"{gpu_address}: has no IOMMU group (the IOMMU is off, or this is a VM "
-                "without a virtual IOMMU); enable the IOMMU before binding to vfio-pci"
-            )
+        ordered = sorted(members, key=lambda m: m.address)
+        gpus = [m.address for m in ordered if m.is_gpu]
+        seen.update(gpus)
+        why = _group_refusal(ordered, held)
+        if why is not None:
+            refusals.append(f"{', '.join(gpus)}: {why}")
+            refused += gpus
             continue
-        switches = [m.address for m in members if m.pci_class is not None and (
-            m.pci_class >> 8) == NVSWITCH_CLASS]  # fmt: skip
-        if switches:
-            refusals.append(
-                f"{gpu_address}: IOMMU group {gpu.iommu_group} also holds NVSwitch "
-                f"{', '.join(switches)}, which Fabric Manager needs on the host; this "
-                "GPU cannot be passed through alone (check ACS in the BIOS)"
-            )
-            continue
-        if gpu_address in held and gpu.driver != VFIO_DRIVER:
-            refusals.append(
-                f"{gpu_address}: in use on the {gpu.driver} driver ({held[gpu_address]}); "
-                "stop it first, then run again"
-            )
-            continue
-        if gpu.driver == VFIO_DRIVER:
-            already += 1
-        for member in sorted(members, key=lambda m: m.address):
-            if member.address in planned or member.driver == VFIO_DRIVER:
-                continue
+        already += sum(m.is_gpu and m.driver == VFIO_DRIVER for m in ordered)
+        group = ordered[0].iommu_group
+        for member in ordered:
+            if member.driver == VFIO_DRIVER or _is_bridge(member.pci_class):
+                continue  # there already, or the kernel lets it stay
             if not member.is_gpu and (member.driver in VIABLE_DRIVERS or member.driver is None):
                 continue  # pci-stub or unbound: the group stays viable
-            if _is_bridge(member.pci_class):
-                continue  # the kernel lets bridges stay on their driver
             reason = (
                 "configured GPU"
                 if member.is_gpu
-                else f"in IOMMU group {gpu.iommu_group} with GPU {gpu_address}"
+                else f"in IOMMU group {group} with GPU {', '.join(gpus)}"
             )
-            planned.add(member.address)
             moves.append(Move(member.address, member.driver, reason, _writes(sysfs_root, member)))
     modules = tuple(missing_modules) if moves else ()
-    return BindPlan(modules, tuple(moves), tuple(refusals), already)
+    return BindPlan(modules, tuple(moves), tuple(refusals), already, tuple(refused))
 
 
 # ---------------------------------------------------------------------------- readers
@@ -230,6 +271,7 @@ def read_group_states(sysfs_root: Path, gpus: Iterable[PciGpu]) -> dict[str, lis
                     iommu_group=fn.iommu_group,
                     is_gpu=fn.address in gpu_addresses,
                     override=read_override(sysfs_root, fn.address),
+                    vendor=fn.vendor_id,
                 )
             )
         groups[address] = states

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from nvswitch_dp.files import write_atomically
-from nvswitch_dp.vfio.identity import GpuIdentity
+from nvswitch_dp.vfio.identity import MAX_FIELD_CHARS, MAX_MODULE_ID, GpuIdentity
 from nvswitch_dp.vfio.pci_ids import normalize_device_key, normalize_pci_address
 
 INVENTORY_VERSION = 1
@@ -59,9 +59,9 @@ class InventoryFileError(Exception):
 
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(
-            f"node inventory {path}: {problem}. Run `nvswitch-dp prepare-node` with the "
-            "GPUs on the nvidia driver to write it again, or set module_map in the "
-            "configuration"
+            f"node inventory {path}: {problem}. Move it aside (`mv {path} {path}.bad`) and "
+            "run `nvswitch-dp prepare-node` with the GPUs on the nvidia driver to write it "
+            "again, or set module_map in the configuration"
         )
         self.path = path
         self.problem = problem
@@ -110,9 +110,9 @@ class NodeInventory:
 
 
 def _optional_string(value: Any, where: str) -> str | None:
-    if value is None or (isinstance(value, str) and len(value) <= 256):
+    if value is None or (isinstance(value, str) and len(value) <= MAX_FIELD_CHARS):
         return value
-    raise ValueError(f"{where}: must be a string of at most 256 characters or null")
+    raise ValueError(f"{where}: must be a string of at most {MAX_FIELD_CHARS} characters or null")
 
 
 def _entry(address: str, raw: Any) -> InventoryEntry:
@@ -123,8 +123,8 @@ def _entry(address: str, raw: Any) -> InventoryEntry:
         missing, unknown = sorted(_ENTRY_KEYS - keys), sorted(keys - _ENTRY_KEYS)
         raise ValueError(f"gpus.{address}: missing keys {missing}, unknown keys {unknown}")
     module = raw["module_id"]
-    if isinstance(module, bool) or not isinstance(module, int) or not 0 <= module <= 4096:
-        raise ValueError(f"gpus.{address}.module_id: must be an integer 0-4096")
+    if isinstance(module, bool) or not isinstance(module, int) or not 1 <= module <= MAX_MODULE_ID:
+        raise ValueError(f"gpus.{address}.module_id: must be an integer 1-{MAX_MODULE_ID}")
     if not isinstance(raw["device_id"], str):
         raise ValueError(f"gpus.{address}.device_id: must be a string like '10de:2335'")
     source = raw["source"]
@@ -230,8 +230,8 @@ def merge_discovered(
     gpus = dict(old.gpus) if old is not None else {}
     changes: list[str] = []
     for identity in discovered:
-        if identity.module_id is None:
-            raise ValueError(f"GPU {identity.address}: no module ID to record")
+        if identity.module_id is None or not 1 <= identity.module_id <= MAX_MODULE_ID:
+            raise ValueError(f"GPU {identity.address}: no module ID 1-{MAX_MODULE_ID} to record")
         entry = InventoryEntry(
             module_id=identity.module_id,
             device_id=device_ids[identity.address],

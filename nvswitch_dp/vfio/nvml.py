@@ -33,7 +33,7 @@ import ctypes
 from pathlib import Path
 from typing import Any
 
-from nvswitch_dp.vfio.identity import SOURCE_NVML, GpuIdentity
+from nvswitch_dp.vfio.identity import MAX_FIELD_CHARS, SOURCE_NVML, GpuIdentity
 from nvswitch_dp.vfio.pci_ids import normalize_pci_address
 
 # The name pynvml passes to dlopen on Linux, and the DT_SONAME of NVIDIA's library.
@@ -56,7 +56,7 @@ def _optional_text(pynvml: Any, call: Any, handle: object) -> str | None:
         value = _text(call(handle)).strip()
     except pynvml.NVMLError:
         return None
-    return value or None
+    return value if value and len(value) <= MAX_FIELD_CHARS else None
 
 
 def read_identities_nvml(library: Path | None = None) -> tuple[GpuIdentity, ...]:
@@ -137,6 +137,10 @@ def _read_devices(pynvml: Any) -> tuple[GpuIdentity, ...]:
             module_id: int | None = int(pynvml.nvmlDeviceGetModuleId(handle))
         except pynvml.NVMLError:
             module_id = None  # NotSupported: a GPU that is not on an HGX baseboard
+        try:
+            minor: int | None = int(pynvml.nvmlDeviceGetMinorNumber(handle))
+        except pynvml.NVMLError:
+            minor = None
         identities.append(
             GpuIdentity(
                 address=address,
@@ -144,6 +148,7 @@ def _read_devices(pynvml: Any) -> tuple[GpuIdentity, ...]:
                 uuid=_optional_text(pynvml, pynvml.nvmlDeviceGetUUID, handle),
                 serial=_optional_text(pynvml, pynvml.nvmlDeviceGetSerial, handle),
                 source=SOURCE_NVML,
+                minor=minor,
             )
         )
     return tuple(identities)

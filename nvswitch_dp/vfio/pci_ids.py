@@ -83,19 +83,20 @@ def parse_pci_id(text: str) -> str:
     return value.rjust(4, "0")
 
 
-_PCI_ADDRESS = re.compile(
-    r"^(?:0{4})?([0-9a-f]{4}):([0-9a-f]{2}):([01][0-9a-f])\.([0-7])$", re.IGNORECASE
-)
+_PCI_ADDRESS = re.compile(r"^([0-9a-f]{4,8}):([0-9a-f]{2}):([01][0-9a-f])\.([0-7])$", re.IGNORECASE)
 
 
 def normalize_pci_address(text: str) -> str:
     """``"00000000:5D:00.0"`` (nvidia-smi's form) -> ``"0000:5d:00.0"`` (sysfs's form).
 
-    Errors: ``ValueError`` unless ``text`` is ``dddd:bb:dd.f`` (hex, device <= 1f,
-    function <= 7), optionally with nvidia-smi's 8-digit domain.
+    The domain is printed as sysfs prints it (``%04x``: at least 4 digits, more for the
+    32-bit domains of VMD and some hypervisors, ``"00010000:..."`` -> ``"10000:..."``).
+
+    Errors: ``ValueError`` unless ``text`` is ``domain:bb:dd.f`` (hex, a 4 to 8 digit
+    domain, device <= 1f, function <= 7).
     """
     match = _PCI_ADDRESS.match(text.strip())
     if match is None:
         raise ValueError(f"{text!r} is not a PCI address like '0000:5d:00.0'")
-    domain, bus, device, function = (g.lower() for g in match.groups())
-    return f"{domain}:{bus}:{device}.{function}"
+    domain, bus, device, function = match.groups()
+    return f"{int(domain, 16):04x}:{bus.lower()}:{device.lower()}.{function}"

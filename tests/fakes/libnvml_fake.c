@@ -266,5 +266,16 @@ nvmlReturn_t nvmlDeviceGetSerial(nvmlDevice_t device, char *serial, unsigned int
     return copy_string(gpu->serial, serial, length);
 }
 
+/* The minor of /dev/nvidia<minor>: the driver numbers GPUs in probe order, which is the
+ * order of the device file here. */
+nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minorNumber) {
+    struct fake_gpu *gpu;
+    CHECK_DEVICE(device, gpu)
+    if (minorNumber == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *minorNumber = (unsigned int)(gpu - gpus);
+    return NVML_SUCCESS;
+}
+
 /* Not NVML: lets the tests compare this layout with pynvml's ctypes one. */
 unsigned int fakeNvmlPciInfoSize(void) { return (unsigned int)sizeof(nvmlPciInfo_t); }
