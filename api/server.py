@@ -54,7 +54,7 @@ __all__ = ["IDLE_TIMEOUT", "READ_TIMEOUT", "ConnectionGate", "serve_api"]
 
 log = logging.getLogger(__name__)
 
-IDLE_TIMEOUT = 5.0
+IDLE_TIMEOUT = 4.0  # under the 5 s in which a flood must have cleared (issue 16)
 READ_TIMEOUT = 30
 ACCEPT_BACKOFF_MIN_S = 0.1
 ACCEPT_BACKOFF_MAX_S = 1.0

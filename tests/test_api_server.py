@@ -82,7 +82,7 @@ async def test_connections_beyond_the_limit_are_reset_and_counted(tmp_path: Path
         )
         await idle.pop().aclose()
         # Hypercorn ends a connection whose client left only when its keep-alive timer
-        # fires (IDLE_TIMEOUT, 5 s): the slot, and the descriptor, are held until then.
+        # fires (IDLE_TIMEOUT, 4 s): the slot, and the descriptor, are held until then.
         await until(lambda: gate.open < 3, seconds=10)
         assert await answered(port)
         for stream in idle:
@@ -93,7 +93,7 @@ async def test_an_idle_connection_is_closed_by_the_server(tmp_path: Path) -> Non
     gate = ConnectionGate(8)
     async with served(tmp_path, gate) as port:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        with trio.fail_after(10):  # IDLE_TIMEOUT is 5 s
+        with trio.fail_after(10):  # IDLE_TIMEOUT is 4 s
             assert await stream.receive_some(10) == b""
         await stream.aclose()
         await until(lambda: gate.open == 0)
