@@ -34,6 +34,7 @@ from api.problems import (
     problem_from_state_error,
 )
 from api.schemas import (
+    DEFAULT_LIST_FAILURE_WINDOW_S,
     NodeFacts,
     gpu_json,
     gpus_json,
@@ -213,10 +214,15 @@ def create_app(
     read whole (``max_body`` bytes within ``body_timeout`` seconds, else 413/408) before a
     route runs, and the end of every answer is shielded, so a keep-alive connection is
     always recycled or closed (see :mod:`api.asgi` for why). Serve the returned app as is
-    (``hypercorn.trio.serve(create_app(...), ...)``); Quart's ``test_client()`` goes
-    through the same wrapper.
+    (``api.server.serve_api(create_app(...), ...)``, or ``hypercorn.trio.serve``);
+    Quart's ``test_client()`` goes through the same wrapper.
     """
     api = config.api if config is not None else ApiConfig()
+    list_window = (
+        config.fabric_manager.list_failure_window_seconds
+        if config is not None
+        else DEFAULT_LIST_FAILURE_WINDOW_S
+    )
     facts = node_facts(config, (s.pci_address for s in controller.layout.gpus.values()))
     auth = Authorizer(TokenSource(api.token_file), open_reads=api.open_reads)
     app = QuartTrio("nvswitch_dp")
@@ -396,7 +402,9 @@ def create_app(
         if readiness is not None:
             problems = list(readiness())
         else:
-            problems = readiness_problems(controller.view())
+            problems = readiness_problems(
+                controller.view(), now=trio.current_time(), list_window=list_window
+            )
         return _json({"ready": not problems, "problems": problems}, 503 if problems else 200)
 
     @app.get("/metrics")

@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from nvswitch_dp.controller import NodeLayout
+from nvswitch_dp.echo import clipped
 from nvswitch_dp.partitions.node import NodeView
 from nvswitch_dp.partitions.state import PartitionView, State
 from nvswitch_dp.vfio.discovery import read_function
+
+# The default of fabric_manager.list_failure_window_seconds.
+DEFAULT_LIST_FAILURE_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +90,15 @@ def gpus_json(layout: NodeLayout, node: NodeView, facts: NodeFacts) -> list[dict
     return [gpu_json(layout, node, facts, m) for m in sorted(node.table.module_ids)]
 
 
-def readiness_problems(node: NodeView, extra: Sequence[str] = ()) -> list[str]:
-    """Why the daemon is not ready (empty when it is); ``extra``: the edges' own."""
+def readiness_problems(
+    node: NodeView,
+    extra: Sequence[str] = (),
+    *,
+    now: float | None = None,
+    list_window: float = DEFAULT_LIST_FAILURE_WINDOW_S,
+) -> list[str]:
+    """Why the daemon is not ready (empty when it is); ``extra``: the edges' own.
+    ``now`` (the clock of ``lists_failing_since``) enables the failing-list check."""
     problems = [
         f"{resource} is not registered with the kubelet"
         for resource, registered in sorted(node.registered.items())
@@ -95,7 +106,28 @@ def readiness_problems(node: NodeView, extra: Sequence[str] = ()) -> list[str]:
     ]
     if not node.fabric_reachable:
         problems.append(f"Fabric Manager is unreachable: {node.fabric_problem}")
+    problems.extend(fabric_problems(node, now=now, list_window=list_window))
     problems.extend(extra)
+    return problems
+
+
+def fabric_problems(
+    node: NodeView, *, now: float | None, list_window: float = DEFAULT_LIST_FAILURE_WINDOW_S
+) -> list[str]:
+    """FM reporting an impossible state, or FM lists failing for longer than
+    ``list_window`` seconds (``fabric_manager.list_failure_window_seconds``)."""
+    problems = []
+    if node.fabric_overlap is not None:
+        problems.append(
+            f"{node.fabric_overlap}; FM forbids this: deactivate the one no VM uses "
+            "(fmpm -d ID) or restart Fabric Manager"
+        )
+    since = node.lists_failing_since
+    if now is not None and since is not None and now - since >= list_window:
+        problems.append(
+            f"every Fabric Manager list has failed for {now - since:.0f}s "
+            f"(the last: {clipped(node.list_failure or 'unknown', 200)})"
+        )
     return problems
 
 

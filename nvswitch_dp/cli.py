@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         # second), a SIGTERM would kill the process with -15. Nothing needs cleaning up
         # yet, so exit 0 at once; Trio's receiver replaces this handler.
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        # SIGHUP is ignored by the daemon (daemon.watch_signals); from the first moment.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.command == "demo":
         if args.mode == "dra":
             from nvswitch_dp.demo import run_dra_demo

@@ -106,8 +106,14 @@ class FabricManagerConfig:
     libnvfm_path: str = "libnvfm.so.1"
     timeout_seconds: float = 10.0
     retries: int = 3
-    reconcile_interval_seconds: float = 10.0
+    # FM is listed this often: how soon a restarted FM is noticed and told set-activated
+    # (benchmarks/daemon.py: within 2 s on every backend). A list is one call of the C
+    # API, a read of the simulator's file, or one short fmpm run.
+    reconcile_interval_seconds: float = 1.0
     simulator_platform: str = "hgx-h200"
+    # /readyz answers 503 once every FM list (any cause: unreachable, garbled output)
+    # has failed for this long.
+    list_failure_window_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +135,10 @@ class ApiConfig:
     requests_per_second: float = 100.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # REST connections open at once; lowered at start to what the descriptor limit
+    # leaves after the kubelet/FM reserve (nvswitch_dp/limits.py). Beyond it a
+    # connection is closed at once and counted.
+    max_connections: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +250,12 @@ def _non_negative_number(value: Any) -> float:
 def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _Invalid(f"must be an integer >= 0, got {_show(value)}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Invalid(f"must be an integer >= 1, got {_show(value)}")
     return value
 
 
@@ -558,6 +574,7 @@ _FABRIC: dict[str, Validator] = {
     "retries": _non_negative_int,
     "reconcile_interval_seconds": _supervision_period,
     "simulator_platform": _platform,
+    "list_failure_window_seconds": _positive_number,
 }
 _VFIO: dict[str, Validator] = {
     "sysfs_root": _string,
@@ -571,6 +588,7 @@ _API: dict[str, Validator] = {
     "requests_per_second": _non_negative_number,
     "tls_cert_file": _optional_string,
     "tls_key_file": _optional_string,
+    "max_connections": _positive_int,
 }
 
 

@@ -31,6 +31,7 @@ from types import MappingProxyType
 
 import trio
 
+from nvswitch_dp.echo import clipped
 from nvswitch_dp.fabric.types import FabricManagerError, FmReturn, error_for, fm_return_name
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.node import (
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 ANNOTATION_PREFIX = "nvswitch-dp.io"
 # Backstop for one FM call when the backend's own timeout fails to fire.
 DEFAULT_CALL_DEADLINE_S = 60.0
+# The most device IDs one Allocate may name, all containers together. The largest node
+# has 16 GPUs: with allocation_unit gpu a resource has at most a few dozen devices.
+MAX_DEVICE_IDS_PER_REQUEST = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +255,7 @@ class PartitionController:
         self._effects_ready = trio.Event()
         self._supervise_wakeup = trio.Event()
         self._seen_generation = machine.generation
+        self._overlap_said: str | None = None
         metrics.count_devices_with(lambda partition: len(unit.device_ids(partition)))
         metrics.observe_partitions(self._views_with_resource)
         metrics.observe_fabric(lambda: self.view().fabric_reachable)
@@ -283,9 +288,27 @@ class PartitionController:
             self._supervise_wakeup.set()
         if self.machine.generation != self._seen_generation:
             self._seen_generation = self.machine.generation
+            self._say_fabric_overlap()
             self.feed.notify()
             self._changed.set()
             self._changed = trio.Event()
+
+    def _say_fabric_overlap(self) -> None:
+        """Log FM's overlapping active partitions once per change, and count it (N11)."""
+        overlap = self.machine.snapshot().fabric_overlap
+        if overlap == self._overlap_said:
+            return
+        self._overlap_said = overlap
+        if overlap is not None:
+            self.metrics.fabric_overlap_reports.inc()
+            log.error(
+                "%s: FM forbids this, so its state is damaged; nothing is deactivated for "
+                "it (either may be a VM's) and /readyz says so until FM reports it gone. "
+                "Deactivate the one no VM uses (fmpm -d ID) or restart Fabric Manager",
+                overlap,
+            )
+        else:
+            log.warning("Fabric Manager no longer reports overlapping partitions active")
 
     async def wait_changed(self) -> None:
         """Wait (Trio) until the machine's generation moves."""
@@ -306,15 +329,27 @@ class PartitionController:
         if not containers or not any(containers):
             raise AllocationError("the request names no device", kind="unknown")
         table = self.machine.table
+        # Bounded before any per-device work: a 4 MB message holds 300,000 IDs, and every
+        # check below must stay linear in what remains.
+        named = sum(len(devices) for devices in containers)
+        if named > MAX_DEVICE_IDS_PER_REQUEST:
+            raise AllocationError(
+                f"the request names {named} device IDs; at most "
+                f"{MAX_DEVICE_IDS_PER_REQUEST} are accepted (a node has at most a few dozen "
+                "devices per resource): send each device once",
+                kind="invalid",
+            )
         selections: list[Selection] = []
         for devices in containers:
-            if len(set(devices)) != len(devices):
-                repeated = sorted({d for d in devices if list(devices).count(d) > 1})
-                raise AllocationError(
-                    f"device {repeated[0]} is named twice in one request; the kubelet "
-                    "never does this: send each device once",
-                    kind="invalid",
-                )
+            seen: set[str] = set()
+            for device in devices:
+                if device in seen:
+                    raise AllocationError(
+                        f"device {clipped(device)} is named twice in one request; the "
+                        "kubelet never does this: send each device once",
+                        kind="invalid",
+                    )
+                seen.add(device)
             try:
                 selections.append(self.layout.unit.select(table, size, resource, devices))
             except UnitError as exc:
@@ -524,6 +559,8 @@ class PartitionController:
         finally:
             # Synchronous, so it happens even while this task is being cancelled.
             self.metrics.count_operation(operation, _result_label(outcome))
+            if isinstance(effect, ListFabric) and not isinstance(outcome, Succeeded):
+                self.metrics.fabric_list_failures.inc()
             if isinstance(outcome, Failed):
                 log.warning("Fabric Manager %s: %s", operation, outcome.message)
             elif isinstance(outcome, Unknown):

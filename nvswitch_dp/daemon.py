@@ -3,10 +3,12 @@
     trio.run(run_daemon)
     └── trio_asyncio.open_loop()            grpclib's asyncio loop, above everything
         └── daemon nursery
-            ├── watch_signals               SIGTERM/SIGINT -> ShutdownError (first of all)
+            ├── watch_signals               SIGTERM/SIGINT -> ShutdownError (first of all);
+            │                               SIGHUP logged and ignored
             │   (first_report: wait for FM, resume a restarted one; runs in the body)
             ├── run_effects                 every FM call the node machine asks for
-            ├── serve_api                   Quart-Trio on Hypercorn
+            ├── serve_api                   Quart-Trio on Hypercorn (api/server.py:
+            │                               connections capped, idle/read deadlines)
             ├── supervise_fabric            list FM every period (at once on trouble)
             ├── watch_gpu_health            VFIO state of every GPU
             ├── watch_pod_resources         PodResources readings -> the machine
@@ -47,29 +49,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hypercorn.config
-import hypercorn.trio
 import trio
 import trio_asyncio
 
 from api.app import create_app
+from api.schemas import DEFAULT_LIST_FAILURE_WINDOW_S, fabric_problems
+from api.server import ConnectionGate, rest_config, serve_api
 from nvswitch_dp.config import ApiConfig, Config
 from nvswitch_dp.controller import GpuSlot, PartitionController
 from nvswitch_dp.fabric.platforms import PLATFORMS
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
 from nvswitch_dp.fabric.types import FabricManagerError, FmNotConfigured, FmReport
+from nvswitch_dp.limits import open_fd_count, raise_nofile_limit, rest_connection_limit
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.node import Mode, NodeMachine, resume_list_at_start
-from nvswitch_dp.partitions.state import StateError
+from nvswitch_dp.partitions.state import OverlappingActive, StateError
 from nvswitch_dp.partitions.table import PartitionTable, partition_id_of
 from nvswitch_dp.partitions.units import allocation_unit
+from nvswitch_dp.plugin.grpc_trio import tolerate_os_errors
 from nvswitch_dp.plugin.lifecycle import serve_resource
 from nvswitch_dp.plugin.pod_resources import GrpcPodResourcesClient, watch_pod_resources
 from nvswitch_dp.ports import FabricManagerClient, PodResourcesClient
@@ -271,19 +277,57 @@ _NO_ADDRESS = {
 }
 
 
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 async def watch_signals(
     on_signal: Callable[[], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Wait for SIGTERM or SIGINT, call ``on_signal``, raise :class:`ShutdownError`."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Wait for SIGTERM or SIGINT, call ``on_signal``, raise :class:`ShutdownError`.
+
+    SIGHUP is logged and ignored: the configuration is read once at start, so there is
+    nothing to reload, and a hang-up (a closed terminal, a node agent's blanket signal)
+    must not stop a daemon whose partitions VMs are using. Once shutdown begins, further
+    SIGTERM/SIGINT/SIGHUP are ignored (:func:`_ignore_signals_while_stopping`), so a second
+    Ctrl-C cannot interrupt the cleanup that removes the sockets; the cleanup is bounded by
+    its own deadlines, and SIGKILL still ends the process at once.
+    """
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.warning(
+                    "received SIGHUP; ignored (the configuration is read only at start: "
+                    "restart the daemon to change it; SIGTERM stops it)"
+                )
+                continue
             log.info("received %s; shutting down", signal.Signals(signum).name)
+            _ignore_signals_while_stopping()
             on_signal()
             # Let every ListAndWatch stream send its end before the cancellation closes
             # the connections (a checkpoint alone is not enough for the asyncio side).
             await trio.sleep(STREAM_DRAIN_S)
             raise ShutdownError(signal.Signals(signum).name)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_handlers_before_stop: dict[int, Any] = {}
+
+
+def _ignore_signals_while_stopping() -> None:
+    """Ignore SIGTERM/SIGINT/SIGHUP from now on (the receiver's exit would otherwise put
+    back Trio's KeyboardInterrupt handler, and a second Ctrl-C would cut the cleanup);
+    :func:`main_run` restores the handlers once ``trio.run`` has returned."""
+    for signum in _STOP_SIGNALS:
+        previous = signal.signal(signum, signal.SIG_IGN)
+        _handlers_before_stop.setdefault(signum, previous)
+    log.info("further signals are ignored while shutting down")
+
+
+def _restore_signals() -> None:
+    for signum, handler in _handlers_before_stop.items():
+        signal.signal(signum, handler)
+    _handlers_before_stop.clear()
 
 
 async def supervise_fabric(
@@ -361,7 +405,24 @@ def api_config(api: ApiConfig) -> hypercorn.config.Config:
     # A Logger instance is used as is: its records go through our handlers, once.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
-    return config
+    return rest_config(config)  # idle and read deadlines (api/server.py)
+
+
+def connection_gate(api: ApiConfig, metrics: Metrics) -> ConnectionGate:
+    """The REST connection limit: ``api.max_connections``, lowered to what the descriptor
+    limit leaves after the kubelet/FM reserve (:mod:`nvswitch_dp.limits`)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = rest_connection_limit(api.max_connections, soft, open_fd_count())
+    if limit < api.max_connections:
+        log.warning(
+            "REST connections limited to %d (api.max_connections is %d) by the file "
+            "descriptor limit %d; raise the limit (ulimit -n, the container runtime's "
+            "LimitNOFILE) to serve more",
+            limit,
+            api.max_connections,
+            soft,
+        )
+    return ConnectionGate(limit, metrics)
 
 
 async def run_daemon(
@@ -383,7 +444,8 @@ async def run_daemon(
         if controller is not None:
             controller.feed.close()
 
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+    async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
+        tolerate_os_errors(loop)
         await nursery.start(watch_signals, on_signal)
         fabric = build_fabric_client(config)
         pods = GrpcPodResourcesClient(Path(config.plugin.pod_resources_socket))
@@ -393,8 +455,13 @@ async def run_daemon(
         table = PartitionTable.from_report(report)
         grace = config.plugin.release_grace_seconds
         resources = [f"{prefix}-{size}x" for size in table.sizes]
-        # Whatever FM has active may be in use: held until PodResources says otherwise.
-        machine = NodeMachine(table, report, trio.current_time(), grace=grace, resources=resources)
+        try:
+            # Whatever FM has active may be in use: held until PodResources says otherwise.
+            machine = NodeMachine(
+                table, report, trio.current_time(), grace=grace, resources=resources
+            )
+        except OverlappingActive as exc:
+            raise StartError(overlap_refusal(exc)) from None
         controller = build_controller(config, machine, fabric, node)
         log.info(
             "Fabric Manager (%s) reports %d partitions; serving %s",
@@ -404,9 +471,10 @@ async def run_daemon(
         )
         await nursery.start(controller.run_effects)
         await nursery.start(
-            hypercorn.trio.serve,
+            serve_api,
             create_app(controller, config, rest_rate=config.api.requests_per_second or None),
             api_config(config.api),
+            connection_gate(config.api, controller.metrics),
         )
         await nursery.start(
             supervise_fabric, controller, config.fabric_manager.reconcile_interval_seconds
@@ -449,19 +517,49 @@ def call_deadline(timeout: float, retries: int) -> float:
     return timeout * (retries + 1) + 5.0 * (retries + 1)
 
 
+def overlap_refusal(exc: OverlappingActive) -> str:
+    """The refusal to start when FM reports overlapping partitions active: nothing is
+    deactivated (either may be a VM's), the operator decides."""
+    return (
+        f"{exc} (Fabric Manager itself forbids this, so its state is damaged); nothing was "
+        "deactivated. Find which one a VM uses, deactivate the other with `fmpm -d ID` "
+        "(or restart Fabric Manager), then start the daemon again"
+    )
+
+
+# Exit statuses of `nvswitch-dp run` (the README lists them).
+EXIT_OK = 0  # stopped by SIGTERM/SIGINT, cleanly
+EXIT_REFUSED = 1  # refused to start (StartError): one "cannot start:" line says why
+EXIT_CONFIG = 2  # the configuration is invalid (cli.py, before anything starts)
+EXIT_INTERNAL = 70  # an unexpected error ended the daemon (EX_SOFTWARE): a bug, logged
+
+
 def main_run(config: Config) -> int:
-    """Run the daemon in this process; 0 after a clean shutdown on a signal, 1 when it
-    cannot start (:class:`StartError`, logged)."""
+    """Run the daemon in this process; :data:`EXIT_OK` after a clean shutdown on a
+    signal, :data:`EXIT_REFUSED` when it cannot start (:class:`StartError`, one log line
+    with the cause and the fix), :data:`EXIT_INTERNAL` for anything else (logged with its
+    traceback). The soft file-descriptor limit is raised to the hard one first."""
+    soft, hard = raise_nofile_limit()
+    log.info("file descriptor limit %d (hard %d)", soft, hard)
     failed: list[StartError] = []
+    crashed: list[BaseException] = []
     try:
         trio.run(run_daemon, config)
     except* ShutdownError:
         pass
     except* StartError as group:
         failed = list(_leaves(group, StartError))
+    except* Exception as group:
+        crashed = list(group.exceptions)
+    finally:
+        _restore_signals()
     for error in failed:
         log.error("cannot start: %s", error)
-    return 1 if failed else 0
+    for crash in crashed:
+        log.critical("internal error, exiting with %d", EXIT_INTERNAL, exc_info=crash)
+    if failed:
+        return EXIT_REFUSED
+    return EXIT_INTERNAL if crashed else EXIT_OK
 
 
 def _leaves(group: BaseExceptionGroup[BaseException], kind: type[StartError]) -> list[StartError]:
@@ -502,9 +600,11 @@ def dra_readiness(
     registration: RegistrationState,
     publisher: PoolPublisher | None,
     controller: PartitionController,
+    list_window: float = DEFAULT_LIST_FAILURE_WINDOW_S,
 ) -> list[str]:
     """Why a DRA-mode node is not ready: the kubelet has not registered the driver, the
-    slices are not published as the node is, or FM is unreachable (empty when ready)."""
+    slices are not published as the node is, FM is unreachable, reports an impossible
+    state or has failed every list for ``list_window`` seconds (empty when ready)."""
     problems: list[str] = []
     if registration.problem is not None:
         problems.append(registration.problem)
@@ -515,6 +615,7 @@ def dra_readiness(
     node = controller.view()
     if not node.fabric_reachable:
         problems.append(f"Fabric Manager is unreachable: {node.fabric_problem}")
+    problems += fabric_problems(node, now=trio.current_time(), list_window=list_window)
     return problems
 
 
@@ -554,7 +655,8 @@ async def run_dra_daemon(
     except KubeConfigError as exc:
         raise StartError(str(exc)) from None
 
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+    async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
+        tolerate_os_errors(loop)
         await nursery.start(watch_signals, lambda: None)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -581,6 +683,8 @@ async def run_dra_daemon(
                 mode=Mode.DRA,
                 claims=restored,
             )
+        except OverlappingActive as exc:
+            raise StartError(overlap_refusal(exc)) from None
         except StateError as exc:
             raise StartError(
                 f"checkpoint {checkpoint.path} names a partition Fabric Manager does not "
@@ -602,10 +706,15 @@ async def run_dra_daemon(
         ctl = controller
 
         def readiness() -> list[str]:
-            return dra_readiness(registration, publisher, ctl)
+            return dra_readiness(
+                registration,
+                publisher,
+                ctl,
+                config.fabric_manager.list_failure_window_seconds,
+            )
 
         await nursery.start(
-            hypercorn.trio.serve,
+            serve_api,
             create_app(
                 controller,
                 config,
@@ -613,6 +722,7 @@ async def run_dra_daemon(
                 readiness=readiness,
             ),
             api_config(config.api),
+            connection_gate(config.api, controller.metrics),
         )
         await nursery.start(
             supervise_fabric, controller, config.fabric_manager.reconcile_interval_seconds

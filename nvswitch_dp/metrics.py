@@ -67,6 +67,29 @@ class Metrics:
             ["partition", "resource", "state"],
             registry=self.registry,
         )
+        self.api_connections = Gauge(
+            "hgx_h200_api_connections",
+            "REST connections open now",
+            registry=self.registry,
+        )
+        self.api_connections_refused = Counter(
+            "hgx_h200_api_connections_refused",
+            "REST connections refused: reason=limit (api.max_connections, or what the "
+            "descriptor limit leaves) or descriptors (accept failed with EMFILE/ENFILE)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.fabric_overlap_reports = Counter(
+            "hgx_h200_fabric_overlap_reports",
+            "Changes to the set of overlapping partitions Fabric Manager reports active "
+            "(FM itself forbids this; each new set is logged once)",
+            registry=self.registry,
+        )
+        self.fabric_list_failures = Counter(
+            "hgx_h200_fabric_list_failures",
+            "Fabric Manager partition lists that failed (any cause)",
+            registry=self.registry,
+        )
         self._refresh: Callable[[], Iterable[tuple[PartitionView, str]]] | None = None
         self.devices_per: Callable[[Partition], int] = lambda partition: 1
 

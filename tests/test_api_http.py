@@ -1,5 +1,5 @@
 """The REST API over real HTTP/1.1: the app served by Hypercorn on 127.0.0.1, as the daemon
-serves it (``api_config``), driven byte by byte from a raw socket.
+serves it (``api_config``, ``api.server.serve_api``), driven byte by byte from a raw socket.
 
 What these guard: a keep-alive connection either answers its next request or is closed,
 never hangs, whatever the app answers before the body has arrived (401/403/404/405), and
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hypercorn.trio
 import pytest
 import trio
 import trio.testing
 from test_api import TOKEN, make_api
 
+from api.server import ConnectionGate, serve_api
 from nvswitch_dp.config import ApiConfig
 from nvswitch_dp.daemon import api_config
 
@@ -124,7 +124,7 @@ async def served(
         config = api_config(ApiConfig(listen="127.0.0.1:0"))
         if keep_alive is not None:
             config.keep_alive_timeout = keep_alive
-        binds = await nursery.start(hypercorn.trio.serve, api.app, config)
+        binds = await nursery.start(serve_api, api.app, config, ConnectionGate(64))
         host, _, port = binds[0].removeprefix("http://").rpartition(":")
         yield Server(host, int(port))
         nursery.cancel_scope.cancel()

@@ -48,7 +48,7 @@ def test_minimal_file_is_the_defaults() -> None:
     assert config.fabric_manager.libnvfm_path == "libnvfm.so.1"
     assert config.fabric_manager.timeout_seconds == 10
     assert config.fabric_manager.retries == 3
-    assert config.fabric_manager.reconcile_interval_seconds == 10
+    assert config.fabric_manager.reconcile_interval_seconds == 1
     assert config.fabric_manager.simulator_platform == "hgx-h200"
     assert config.vfio.sysfs_root == "/sys"
     assert config.vfio.dev_root == "/dev"

@@ -100,7 +100,7 @@ RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
 MODULE_MAP = platform("hgx-h200").module_map()
 GRACE = 3.0
 RELEASE_CHECK = release_check_interval(GRACE)  # how often PodResources is read
-SUPERVISION = 10.0  # fabric_manager.reconcile_interval_seconds (the default)
+SUPERVISION = 10.0  # fabric_manager.reconcile_interval_seconds (the default is 1)
 HEALTH_POLL = 2.0
 # Partitions with GPU module 3 in them: 1x, 2x (1,3), 4x (1-4), 8x.
 WITH_MODULE_3 = {f"{R}-1x": "partition-9", f"{R}-2x": "partition-3", f"{R}-4x": "partition-1"}

@@ -35,6 +35,7 @@ from nvswitch_dp.fabric.fmpm import (
     parse_failure,
     parse_partition_list,
     process_identity,
+    run_fmpm,
 )
 from nvswitch_dp.fabric.types import (
     FabricManagerError,
@@ -660,3 +661,15 @@ def test_fake_fmpm_as_a_program(state: Path) -> None:
         [*_sim_command(state), "-a", "7"], capture_output=True, text=True, check=False
     )
     assert (done.returncode, done.stdout) == (249, "Failed to activate partition. fmReturn: -7\n")
+
+
+async def test_a_program_that_cannot_start_for_any_os_reason_is_an_fmpm_error(
+    tmp_path: Path,
+) -> None:
+    # ENOEXEC here; EMFILE/ENFILE/EAGAIN under a flood take the same path: the process
+    # never ran, so the call fails plainly (no traceback, no unknown outcome).
+    program = tmp_path / "fmpm"
+    program.write_bytes(b"\x7fELF not really")
+    program.chmod(0o755)
+    with pytest.raises(FmpmError, match=r"cannot start .*Exec format error"):
+        await run_fmpm([str(program), "-l"])

@@ -217,3 +217,19 @@ def test_a_real_run_that_breaks_a_bound_reports_it_with_its_script(tmp_path: Pat
     assert violation.check == "convergence" and "converged only after" in violation.detail
     assert violation.trail == ("allocate=1x:partition-9", "settle")
     assert "steps since the last settle: allocate=1x:partition-9;settle" in str(violation)
+
+
+def test_floods_sighup_and_huge_requests_leave_no_violation(tmp_path: Path) -> None:
+    # Issue 16's fault kinds, scripted so each runs whatever the seed draws: a REST flood
+    # (the daemon runs under a 256-descriptor limit) with an Allocate inside it, SIGHUP,
+    # an Allocate naming one device 300,000 times, then a settle that checks everything.
+    script = parse_script(
+        "rest-flood=600/1x:partition-7;daemon-hup;allocate-huge=2x:partition-3;"
+        "rest-flood=300/2x:partition-5;settle"
+    )
+    result = run_campaign(tmp_path, "simulator", 1, 0, script=script)
+    assert result.steps == 5
+    assert result.faults["REST connection flood"] == 2
+    assert result.faults["daemon SIGHUP"] == 1
+    assert result.faults["huge duplicate Allocate"] == 1
+    assert not result.violations, "\n".join(str(v) for v in result.violations)

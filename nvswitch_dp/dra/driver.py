@@ -45,6 +45,7 @@ from nvswitch_dp.controller import ContainerGrant
 from nvswitch_dp.dra.checkpoint import PreparedClaim
 from nvswitch_dp.dra.errors import ClaimNotFound, ClaimRefused, ClaimUnreadable
 from nvswitch_dp.dra.uid import is_claim_uid, validate_claim_uid
+from nvswitch_dp.echo import clipped
 from nvswitch_dp.partitions.table import PartitionTable
 from nvswitch_dp.ports import ClaimReader, PartitionHolder
 
@@ -72,7 +73,8 @@ class ClaimRef:
     name: str
 
     def __str__(self) -> str:
-        return f"{self.namespace}/{self.name} ({self.uid})"
+        # Every field is the client's: bounded before it reaches an error or a log line.
+        return f"{clipped(self.namespace)}/{clipped(self.name)} ({clipped(self.uid)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,11 +393,11 @@ class DraDriver:
                 try:
                     await self._unprepare(claim_uid)
                 except (OSError, ValueError) as exc:
-                    log.error("unprepare %s failed: %s", claim_uid, exc)
-                    return f"unpreparing claim {claim_uid} failed on the node: {exc}"
+                    log.error("unprepare %s failed: %s", clipped(claim_uid), exc)
+                    return f"unpreparing claim {clipped(claim_uid)} failed on the node: {exc}"
                 except Exception as exc:  # as in prepare_claim: one claim, not the call
-                    log.exception("unprepare %s failed unexpectedly", claim_uid)
-                    return f"unpreparing claim {claim_uid} failed: internal error {exc!r}"
+                    log.exception("unprepare %s failed unexpectedly", clipped(claim_uid))
+                    return f"unpreparing claim {clipped(claim_uid)} failed: internal error {exc!r}"
         return ""
 
     # -- restart cleanup

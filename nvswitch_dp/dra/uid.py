@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from nvswitch_dp.echo import clipped
+
 _UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -26,7 +28,8 @@ def validate_claim_uid(uid: str) -> str:
     """
     if not isinstance(uid, str) or _UID.fullmatch(uid) is None:
         raise InvalidClaimUid(
-            f"claim UID {uid!r} is not a lower-case UUID such as "
+            f"claim UID '{clipped(uid) if isinstance(uid, str) else uid!r}' is not a "
+            "lower-case UUID such as "
             "'3f2a9c1e-0b7d-4c55-9e21-6a8f0d4b7c10' (ResourceClaim metadata.uid)"
         )
     return uid

@@ -408,7 +408,8 @@ async def run_fmpm(argv: Sequence[str], ledger: ProcessLedger | None = None) -> 
     """Run ``argv`` (no shell) and capture its output; kill it at once when cancelled.
 
     With a ``ledger``, the process is recorded there while it runs (see
-    :class:`ProcessLedger`). Errors: :class:`FmpmError` if the program cannot be started.
+    :class:`ProcessLedger`). Errors: :class:`FmpmError` if the program cannot be started
+    (missing, not executable, or the process is out of descriptors, memory or PIDs).
     """
 
     async def kill(process: trio.Process) -> None:
@@ -435,7 +436,7 @@ async def run_fmpm(argv: Sequence[str], ledger: ProcessLedger | None = None) -> 
         async with trio.open_nursery() as nursery:
             try:
                 process: trio.Process = await nursery.start(run)
-            except (FileNotFoundError, PermissionError) as exc:
+            except OSError as exc:  # not found, not executable, out of fds/memory/pids
                 not_started = exc  # raised below, not as the nursery's ExceptionGroup
             else:
                 if ledger is not None:
@@ -451,8 +452,12 @@ async def run_fmpm(argv: Sequence[str], ledger: ProcessLedger | None = None) -> 
             ledger.forget(pid)
     if isinstance(not_started, FileNotFoundError):
         raise FmpmError("run fmpm", f"program {argv[0]!r} not found (set fabric_manager.fmpm_path)")
-    if not_started is not None:
+    if isinstance(not_started, PermissionError):
         raise FmpmError("run fmpm", f"program {argv[0]!r} is not executable")
+    if not_started is not None:
+        # EMFILE, ENFILE, EAGAIN, ENOMEM: the process never ran, so FM did nothing; the
+        # call fails (and is retried by whoever asked), with no traceback per attempt.
+        raise FmpmError("run fmpm", f"cannot start {argv[0]!r}: {not_started.strerror}")
     proc = done[0]
     return ProcessResult(
         proc.returncode,

@@ -62,6 +62,11 @@ N9 Claims (DRA). A claim holds one partition under its UID; only :meth:`release_
    (Unprepare) or an operator's force drops it. Holding the same partition again under
    the same UID is a no-op.
 N10 Illegal events raise and change nothing: unknown partitions, GPUs, ops and requests.
+N11 Impossible or missing reports. A report with overlapping partitions active (FM
+   forbids it) is not acted on beyond N6 (nothing is deactivated for it: either may be
+   a VM's); the view says which partitions (``fabric_overlap``) until a report without
+   one. A failed or unknown list starts ``lists_failing_since`` (kept until a list
+   succeeds), and supervision runs every second while lists fail.
 
 Events (those that depend on time take ``now``; any may leave effects to take):
 the constructor (FM's first report, checkpointed claims), ``allocate``, ``forget``,
@@ -92,6 +97,8 @@ from nvswitch_dp.partitions.state import (
     State,
     StateError,
     UnknownPartition,
+    active_overlaps,
+    describe_overlaps,
 )
 from nvswitch_dp.partitions.table import PartitionTable
 
@@ -227,6 +234,11 @@ class NodeView:
     pod_resources_reachable: bool | None
     registered: Mapping[str, bool]
     claims: Mapping[str, int]  # DRA claim UID -> partition
+    # FM's last report had partitions active that share a GPU (N11): what it said.
+    fabric_overlap: str | None = None
+    # Since when every FM list has failed (any cause); None after one succeeded (N11).
+    lists_failing_since: float | None = None
+    list_failure: str | None = None  # the last failed list's reason, while they fail
 
     def available_ids(self) -> frozenset[int]:
         return self.available
@@ -336,6 +348,9 @@ class NodeMachine:
         self._failure_holds: dict[int, tuple[str, float]] = {}
         self._report_faults: dict[int, str] = {}  # partition -> link/GPU problem in FM
         self._trouble = _Trouble()
+        self._fabric_overlap: str | None = None
+        self._lists_failing_since: float | None = None
+        self._list_failure: str | None = None
         self._set_activated_sent = False
         self._list_wanted = False
         self._supervise_now = False
@@ -397,6 +412,9 @@ class NodeMachine:
                 pod_resources_reachable=self._pod_resources_reachable,
                 registered=dict(self._registered),
                 claims=dict(self._claims),
+                fabric_overlap=self._fabric_overlap,
+                lists_failing_since=self._lists_failing_since,
+                list_failure=self._list_failure,
             )
             self._view = view
         return view
@@ -409,7 +427,7 @@ class NodeMachine:
         """How long the supervisor may sleep now (N7); 0 when supervision is asked for."""
         if self._supervise_now:
             return 0.0
-        if self._trouble.status is not FabricStatus.UP:
+        if self._trouble.status is not FabricStatus.UP or self._lists_failing_since is not None:
             return min(interval, TROUBLE_SUPERVISION_S)
         return interval
 
@@ -640,6 +658,8 @@ class NodeMachine:
             self._outcomes_seen += 1
             self._changed_at[effect.partition_id] = self._outcomes_seen
         self._note_trouble(outcome, from_list=isinstance(effect, ListFabric))
+        if isinstance(effect, ListFabric):
+            self._note_list(outcome, now)
         if isinstance(effect, Activate):
             self._activation_outcome(effect.partition_id, outcome, now)
         elif isinstance(effect, Deactivate):
@@ -881,6 +901,22 @@ class NodeMachine:
                 "Fabric Manager is starting or restarting (waiting for set-activated)",
                 from_list=from_list,
             )
+
+    def _note_list(self, outcome: Outcome, now: float) -> None:
+        """N11: when lists began to fail, and whether FM's report is impossible."""
+        if isinstance(outcome, Succeeded) and outcome.report is not None:
+            failing_since, failure = None, None
+            pairs = active_overlaps(self.table, outcome.report.active_ids)
+            overlap = describe_overlaps(pairs) if pairs else None
+        else:
+            failing_since = self._lists_failing_since
+            failing_since = now if failing_since is None else failing_since
+            failure = _describe(outcome)
+            overlap = self._fabric_overlap  # no news about it
+        state = (failing_since, failure, overlap)
+        if state != (self._lists_failing_since, self._list_failure, self._fabric_overlap):
+            self._lists_failing_since, self._list_failure, self._fabric_overlap = state
+            self.book.touch()
 
     def _set_trouble(self, status: FabricStatus, problem: str | None, *, from_list: bool) -> None:
         if (self._trouble.status, self._trouble.problem) == (status, problem):

@@ -28,7 +28,7 @@ single Trio thread.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,6 +74,29 @@ class UnknownPartition(StateError):
     def __init__(self, partition_id: int) -> None:
         self.partition_id = partition_id
         super().__init__(f"partition {partition_id} is not in Fabric Manager's table")
+
+
+class OverlappingActive(StateError):
+    """FM reports partitions active that share a GPU (FM itself forbids this)."""
+
+    def __init__(self, pairs: Sequence[tuple[int, int]]) -> None:
+        self.pairs = tuple(pairs)
+        super().__init__(describe_overlaps(self.pairs))
+
+
+def describe_overlaps(pairs: Sequence[tuple[int, int]]) -> str:
+    """``Fabric Manager reports partitions 1 and 3 active, but they share a GPU``."""
+    named = "; ".join(f"partitions {a} and {b}" for a, b in pairs)
+    return f"Fabric Manager reports {named} active, but they share a GPU"
+
+
+def active_overlaps(table: PartitionTable, active_ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Each pair ``(a, b)``, ``a < b``, of partitions in ``active_ids`` sharing a GPU;
+    IDs not in ``table`` are left out. Pure."""
+    active = {pid for pid in active_ids if pid in table}
+    return sorted(
+        (pid, other) for pid in active for other in table.overlapping(pid) & active if pid < other
+    )
 
 
 class PartitionBlocked(StateError):
@@ -412,12 +435,9 @@ class PartitionBook:
         active = set(active_ids)
         for pid in active:
             self._known(pid)
-            clash = self.table.overlapping(pid) & active
-            if clash:
-                raise StateError(
-                    f"Fabric Manager reports partitions {pid} and {min(clash)} active, "
-                    "but they share a GPU"
-                )
+        pairs = active_overlaps(self.table, active)
+        if pairs:
+            raise OverlappingActive(pairs)
         self._phase = {
             pid: Phase.ACTIVE if pid in active else Phase.INACTIVE for pid in self.table.ids
         }

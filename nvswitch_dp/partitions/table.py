@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from nvswitch_dp.echo import clipped
 from nvswitch_dp.fabric.types import FmGpu, FmReport
 
 DEVICE_ID_PREFIX = "partition-"
@@ -45,7 +46,7 @@ class DeviceRef:
 def _number(text: str, device: str, what: str) -> int:
     # ASCII digits only, no leading zero: one spelling per number ("\u0663" is a digit too).
     if not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0"):
-        raise ValueError(f"device ID {device!r} does not end in a {what} number")
+        raise ValueError(f"device ID '{clipped(device)}' does not end in a {what} number")
     return int(text)
 
 
@@ -58,7 +59,7 @@ def parse_device_id(device: str) -> DeviceRef:
     configured allocation unit, and whether the IDs exist, is for the caller to judge.
     """
     if not device.startswith(DEVICE_ID_PREFIX):
-        raise ValueError(f"device ID {device!r} does not start with {DEVICE_ID_PREFIX!r}")
+        raise ValueError(f"device ID '{clipped(device)}' does not start with {DEVICE_ID_PREFIX!r}")
     rest = device[len(DEVICE_ID_PREFIX) :]
     head, infix, module = rest.partition(GPU_INFIX)
     if not infix:

@@ -35,6 +35,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeVar
 
+from nvswitch_dp.echo import clipped
 from nvswitch_dp.partitions.policy import parse_device, preferred_allocation
 from nvswitch_dp.partitions.state import Availability
 from nvswitch_dp.partitions.table import (
@@ -131,12 +132,14 @@ class PartitionUnit(AllocationUnit):
             ref = _parse(device)
             if ref.module_id is not None:
                 raise UnitError(
-                    f"device {device} names one GPU, but {resource} counts whole partitions "
-                    "(plugin.allocation_unit: partition)",
+                    f"device {clipped(device)} names one GPU, but {resource} counts whole "
+                    "partitions (plugin.allocation_unit: partition)",
                     kind="unknown",
                 )
             if ref.partition_id not in table or table[ref.partition_id].size != size:
-                raise UnitError(f"device {device} is not a partition of {resource}", kind="unknown")
+                raise UnitError(
+                    f"device {clipped(device)} is not a partition of {resource}", kind="unknown"
+                )
             wanted.append(ref.partition_id)
         modules = tuple(m for pid in wanted for m in table[pid].sorted_modules)
         return Selection(tuple(wanted), modules)
@@ -170,23 +173,25 @@ class GpuUnit(AllocationUnit):
             pid, module = ref.partition_id, ref.module_id
             if pid not in table or table[pid].size != size:
                 raise UnitError(
-                    f"device {device} is not a GPU of a partition of {resource}", kind="unknown"
+                    f"device {clipped(device)} is not a GPU of a partition of {resource}",
+                    kind="unknown",
                 )
             partition = table[pid]
             if module is None:
                 raise UnitError(
-                    f"device {device} names a whole partition, but {resource} counts GPUs "
+                    f"device {clipped(device)} names a whole partition, but {resource} counts GPUs "
                     f"(plugin.allocation_unit: gpu); ask for "
                     f"{', '.join(self.device_ids(partition))}",
                     kind="unknown",
                 )
             if module not in partition.module_ids:
                 raise UnitError(
-                    f"device {device}: GPU {module} is not in partition {pid} of {resource}",
+                    f"device {clipped(device)}: GPU {module} is not in partition {pid} "
+                    f"of {resource}",
                     kind="unknown",
                 )
             if module in held.get(pid, ()):
-                raise UnitError(f"device {device} is requested twice", kind="refused")
+                raise UnitError(f"device {clipped(device)} is requested twice", kind="refused")
             held.setdefault(pid, set()).add(module)
             order.append(module)
         partial = {

@@ -11,6 +11,8 @@ server here remembers its connections' transports and closes them too.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -18,9 +20,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 from trio_asyncio import aio_as_trio
+
+from nvswitch_dp.limits import RateLimitedLog
 
 T = TypeVar("T")
 
@@ -34,11 +41,39 @@ class _TrackedProtocol(H2Protocol):
         super().connection_made(transport)
 
 
+# The largest request the kubelet's calls need is a few KiB (an Allocate of 256 device
+# IDs is about 10 KiB); grpclib itself sets no limit, and decoding a 4 MB message of
+# 300,000 IDs holds the event loop for over a second.
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
+class BoundedProtoCodec(ProtoCodec):
+    """grpclib's protobuf codec, refusing to decode a message over ``max_bytes``.
+
+    Errors: ``GRPCError(RESOURCE_EXHAUSTED)`` naming both sizes, raised inside the
+    handler's ``recv_message``, so grpclib answers it as the call's status and the
+    connection and every other call go on.
+    """
+
+    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.max_bytes = max_bytes
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if len(data) > self.max_bytes:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"request of {len(data)} bytes; at most {self.max_bytes} are accepted "
+                "(send each device once)",
+            )
+        return super().decode(data, message_type)
+
+
 class ClosingServer(Server):
-    """A grpclib Server whose ``close_connections`` closes accepted connections."""
+    """A grpclib Server whose ``close_connections`` closes accepted connections, and
+    whose requests are bounded (:class:`BoundedProtoCodec`)."""
 
     def __init__(self, handlers: Sequence[Any]) -> None:
-        super().__init__(list(handlers))
+        super().__init__(list(handlers), codec=BoundedProtoCodec())
         self._protocols: weakref.WeakSet[_TrackedProtocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
@@ -52,6 +87,40 @@ class ClosingServer(Server):
             transport = getattr(protocol, "transport", None)
             if transport is not None:
                 transport.close()
+
+
+log = logging.getLogger(__name__)
+_os_errors = RateLimitedLog(log)
+
+
+def tolerate_os_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Make an ``OSError`` that asyncio reports to the loop's exception handler a log
+    line instead of an exception in the daemon's nursery.
+
+    trio-asyncio's default handler re-raises whatever asyncio reports into the nursery
+    that holds the loop, which ends the daemon. asyncio reports OS errors it has
+    already dealt with: EMFILE/ENFILE on a server's ``accept`` (it stops accepting and
+    retries after a second, so the kubelet's connection waits rather than fails), and a
+    transport's fatal read/write error (that one connection is closed). Neither is a
+    reason to stop serving every other resource. Anything else still goes to the
+    default handler: it is a bug we want to see.
+    """
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError):
+            message = context.get("message", "asyncio reported an OS error")
+            _os_errors.log(
+                logging.ERROR,
+                f"{message}:{exc.errno}",
+                "gRPC side: %s: %s (asyncio retries accepting after 1 s; the daemon keeps serving)",
+                message,
+                exc.strerror or exc,
+            )
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def _unlink_socket(path: Path) -> None:

@@ -21,6 +21,7 @@ import trio
 from grpclib.client import Channel
 
 from nvswitch_dp.controller import PartitionController
+from nvswitch_dp.limits import CAPACITY_ERRNOS, RateLimitedLog
 from nvswitch_dp.plugin.grpc_trio import call_aio, serving
 from nvswitch_dp.plugin.service import DevicePluginService
 from nvswitch_dp.proto import v1beta1 as dp
@@ -33,6 +34,9 @@ POLL_S = 0.1
 REGISTER_TIMEOUT_S = 15.0  # the kubelet dials back for up to 10 s inside Register
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
+BIND_BACKOFF_MIN_S = 0.1
+BIND_BACKOFF_MAX_S = 2.0
+_bind_errors = RateLimitedLog(log)
 
 
 def socket_name(resource: str) -> str:
@@ -138,28 +142,54 @@ async def serve_resource(
     Resource handling: owns the socket ``plugin_dir/socket_name(resource)``; it is
     served before ``task_status.started()`` and removed on exit. Error handling:
     registration failures are retried with backoff for as long as the kubelet and our
-    socket stay the same; a change of either abandons the attempt and starts over. An
-    ``OSError`` binding the socket propagates and stops the daemon.
+    socket stay the same; a change of either abandons the attempt and starts over.
+    EMFILE/ENFILE/ENOBUFS/ENOMEM serving the socket is retried with backoff (0.1 s to
+    2 s, logged at most every 10 s); any other ``OSError`` binding the socket propagates
+    and stops the daemon.
     """
     endpoint = socket_name(resource)
     socket_path = plugin_dir / endpoint
     service = DevicePluginService(controller, resource)
     started = False
+    backoff = BIND_BACKOFF_MIN_S
     while True:
-        async with serving([service], socket_path):
-            if not started:
-                task_status.started()
-                started = True
-            kubelet_id = await wait_for_kubelet(plugin_dir)
-            reasons: list[str] = []
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(
-                        _cancel_on_restart, nursery.cancel_scope, reasons, socket_path, kubelet_id
-                    )
-                    await register_with_backoff(plugin_dir, resource, endpoint)
-                    controller.set_registered(resource, True)
-                    log.info("registered %s with the kubelet (endpoint %s)", resource, endpoint)
-            finally:
-                controller.set_registered(resource, False)
-            log.info("%s: %s; serving and registering again", resource, reasons[0])
+        try:
+            async with serving([service], socket_path):
+                backoff = BIND_BACKOFF_MIN_S
+                if not started:
+                    task_status.started()
+                    started = True
+                kubelet_id = await wait_for_kubelet(plugin_dir)
+                reasons: list[str] = []
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(
+                            _cancel_on_restart,
+                            nursery.cancel_scope,
+                            reasons,
+                            socket_path,
+                            kubelet_id,
+                        )
+                        await register_with_backoff(plugin_dir, resource, endpoint)
+                        controller.set_registered(resource, True)
+                        log.info("registered %s with the kubelet (endpoint %s)", resource, endpoint)
+                finally:
+                    controller.set_registered(resource, False)
+                log.info("%s: %s; serving and registering again", resource, reasons[0])
+        except OSError as exc:
+            # Out of descriptors or memory when the socket is served again (a kubelet
+            # restart during a flood): wait and retry rather than end the daemon. Any
+            # other error binding the socket is a configuration problem and propagates.
+            if exc.errno not in CAPACITY_ERRNOS:
+                raise
+            _bind_errors.log(
+                logging.ERROR,
+                resource,
+                "cannot serve %s on %s: %s; retrying in %.1fs",
+                resource,
+                socket_path,
+                exc.strerror,
+                backoff,
+            )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BIND_BACKOFF_MAX_S)

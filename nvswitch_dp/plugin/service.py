@@ -33,6 +33,8 @@ from nvswitch_dp.proto import v1beta1 as dp
 
 log = logging.getLogger(__name__)
 
+# ListAndWatch streams served at once per resource (see list_and_watch).
+MAX_STREAMS = 8
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 
@@ -51,6 +53,7 @@ class DevicePluginService(dp.DevicePluginBase):
         self.controller = controller
         self.resource = resource
         self.size = controller.layout.resources[resource]
+        self._streams = 0  # ListAndWatch streams open now
 
     def device_list(self) -> list[dp.Device]:
         view = self.controller.view()
@@ -78,17 +81,34 @@ class DevicePluginService(dp.DevicePluginBase):
         )
 
     async def list_and_watch(self, message: dp.Empty) -> AsyncIterator[dp.ListAndWatchResponse]:
-        """The full list now, then again after every change that alters it."""
-        feed = self.controller.feed
-        last: list[tuple[str, str]] | None = None
-        while not feed.closed:
-            seen = feed.generation
-            devices = self.device_list()
-            summary = [(d.id, d.health) for d in devices]
-            if summary != last:
-                last = summary
-                yield dp.ListAndWatchResponse(devices=devices)
-            await feed.wait_beyond(seen)
+        """The full list now, then again after every change that alters it.
+
+        At most :data:`MAX_STREAMS` streams per resource at once (the kubelet keeps one;
+        a restarted kubelet's new one may overlap the old for a moment): more is
+        ``RESOURCE_EXHAUSTED``. A client that does not read holds at most one HTTP/2
+        window of unsent updates (grpclib's send waits on flow control), so the streams'
+        memory is bounded too.
+        """
+        if self._streams >= MAX_STREAMS:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"{self._streams} ListAndWatch streams of {self.resource} are open; at most "
+                f"{MAX_STREAMS} are served (the kubelet needs one)",
+            )
+        self._streams += 1
+        try:
+            feed = self.controller.feed
+            last: list[tuple[str, str]] | None = None
+            while not feed.closed:
+                seen = feed.generation
+                devices = self.device_list()
+                summary = [(d.id, d.health) for d in devices]
+                if summary != last:
+                    last = summary
+                    yield dp.ListAndWatchResponse(devices=devices)
+                await feed.wait_beyond(seen)
+        finally:
+            self._streams -= 1
 
     async def get_preferred_allocation(
         self, message: dp.PreferredAllocationRequest

@@ -56,6 +56,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,12 +144,23 @@ def overlapping_pairs(table: Table, active: set[int] | frozenset[int]) -> list[t
 
 # -- steps --------------------------------------------------------------------------------
 
+# Every daemon of the campaign runs under this descriptor limit (container soft limits
+# of 1,024 are common; this is lower), so the REST floods press on it.
+FD_LIMIT = 256
+FLOOD_CONNECTIONS = (100, 300, 600)
+FLOOD_RECOVERY_S = 5.0
+# An Allocate naming one device this many times is about 4 MB on the wire.
+HUGE_REPEAT = 300_000
+
 STEP_KINDS = (
     "allocate",  # SIZE:IDS[|IDS...]  one container per |-separated group
     "allocate-deadline",  # SIZE:IDS@SECONDS  client deadline
     "allocate-close",  # SIZE:IDS@SECONDS  channel closed after SECONDS
     "allocate-dup",  # SIZE:IDS[|IDS]  a device twice in one request
     "allocate-garbage",  # SIZE:IDS  unknown or malformed IDs
+    "allocate-huge",  # SIZE:ID  that one device named HUGE_REPEAT times (about 4 MB)
+    "rest-flood",  # CONNECTIONS/SIZE:IDS  idle REST connections held during that Allocate
+    "daemon-hup",  # ""  SIGHUP: the daemon must keep serving
     "pod-end",  # POD
     "daemon-kill",  # "" (idle) or SIZE:IDS@SECONDS (SIGKILL while that Allocate runs)
     "daemon-term",  # ""
@@ -602,7 +614,11 @@ class Campaign:
 
     def _spawn(self) -> None:
         self.daemon = DaemonProcess(
-            self.workdir, self.plugin_dir, extra_args=self.args, env=self.env
+            self.workdir,
+            self.plugin_dir,
+            extra_args=self.args,
+            env=self.env,
+            command_prefix=["prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}"],
         ).start()
         self.api_up = False
 
@@ -801,6 +817,9 @@ class Campaign:
             "allocate-close": 3,
             "allocate-dup": 2,
             "allocate-garbage": 2,
+            "allocate-huge": 1 if self.api_up else 0,
+            "rest-flood": 1.5 if self.api_up else 0,
+            "daemon-hup": 1 if self.api_up else 0,
             "pod-end": 12 if model.pods else 0,
             "daemon-kill": 3,
             "daemon-term": 1 if self.api_up else 4,
@@ -848,6 +867,13 @@ class Campaign:
                  "partition-1-gpu-1", device(other), "partition-007", " partition-7"]
             )  # fmt: skip
             return Step("allocate-garbage", f"{size}x:{garbage}")
+        if choice == "allocate-huge":
+            size = rng.choice(self.table.sizes())
+            pid = device(rng.choice(self.table.of_size(size)))
+            return Step(choice, str(AllocationSpec(size, ((pid,),))))
+        if choice == "rest-flood":
+            spec = self._pick_allocation()
+            return Step(choice, f"{rng.choice(FLOOD_CONNECTIONS)}/{spec}")
         if choice == "pod-end":
             return Step("pod-end", rng.choice(sorted(model.pods)))
         if choice == "daemon-kill":
@@ -893,6 +919,14 @@ class Campaign:
         kind, arg = step.kind, step.arg
         if kind.startswith("allocate"):
             self._allocate_step(kind, AllocationSpec.parse(arg))
+        elif kind == "rest-flood":
+            connections, _, spec = arg.partition("/")
+            self._fault("REST connection flood")
+            with self._flood(int(connections)):
+                self._allocate_step("allocate", AllocationSpec.parse(spec))
+        elif kind == "daemon-hup":
+            self._fault("daemon SIGHUP")
+            self._daemon_hup()
         elif kind == "pod-end":
             self._end_pod(arg, why="ended")
         elif kind == "daemon-kill":
@@ -1013,6 +1047,12 @@ class Campaign:
             self._fault("Allocate cut by a closed channel")
             self._ensure_slow()
             outcome = self.call_allocate(spec, close_after=spec.seconds)
+        elif kind == "allocate-huge":
+            self._fault("huge duplicate Allocate")
+            (device_id,) = spec.containers[0]
+            requested = list(_ids((device_id,))) * 2  # a device twice, at least
+            huge = AllocationSpec(spec.size, ((device_id,) * HUGE_REPEAT,))
+            outcome = self.call_allocate(huge)
         else:
             if kind == "allocate-dup":
                 self._fault("duplicate device IDs")
@@ -1121,6 +1161,59 @@ class Campaign:
                 return False
             time.sleep(0.01)
         return True
+
+    @contextlib.contextmanager
+    def _flood(self, connections: int) -> Iterator[None]:
+        """``connections`` idle TCP connections to the REST port, held for the block (the
+        daemon resets those beyond its cap; under the campaign's descriptor limit that is
+        most of them)."""
+        held: list[socket.socket] = []
+        try:
+            if self.daemon is not None:
+                for _ in range(connections):
+                    try:
+                        held.append(
+                            socket.create_connection(("127.0.0.1", self.daemon.port), timeout=1)
+                        )
+                    except OSError:
+                        break  # the backlog is full: flooded enough
+            self._say(f"REST flood: {len(held)} connections open")
+            yield
+        finally:
+            for sock in held:
+                sock.close()
+        # The daemon frees a slot when it reads the close: REST serves again soon after.
+        deadline = time.monotonic() + FLOOD_RECOVERY_S
+        while self.daemon is not None and self._alive():
+            try:
+                self.daemon.get("/healthz")
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    self.violate(
+                        "serving",
+                        f"REST did not serve within {FLOOD_RECOVERY_S:g} s after a flood "
+                        f"ended: {exc}",
+                    )
+                    return
+                time.sleep(0.05)
+
+    def _daemon_hup(self) -> None:
+        if self.daemon is None or self.daemon.process is None:
+            return
+        process = self.daemon.process
+        if process.poll() is not None:
+            return
+        if not self._await_sigterm_handler(process):
+            return  # still importing: its handlers are not installed yet
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+        if process.poll() is not None:
+            self.violate("serving", f"SIGHUP ended the daemon (status {process.returncode})")
+            self._spawn()
+            self._wait_started(START_DEADLINE_S)
+        else:
+            self._say("SIGHUP: still serving")
 
     def _daemon_term(self) -> None:
         if self.daemon is None or self.daemon.process is None:

@@ -43,7 +43,10 @@ class DaemonProcess:
         platform: str | None = "hgx-h200",
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        command_prefix: list[str] | None = None,
     ) -> None:
+        """``command_prefix`` runs the daemon under another command (e.g. ``prlimit
+        --nofile=256:256``), which must exec it so that signals reach the daemon."""
         self.workdir = workdir
         self.plugin_dir = plugin_dir
         self.state_dir = workdir / "state"
@@ -52,6 +55,7 @@ class DaemonProcess:
         # (a tree prepared with prepare-node, say).
         simulate = ["--simulate", platform] if platform is not None else []
         self.command = [
+            *(command_prefix or []),
             sys.executable, "-m", "nvswitch_dp", "run",
             *simulate,
             "--state-dir", str(self.state_dir),
@@ -142,6 +146,7 @@ def simulated_node(
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
     resource_prefix: str = "nvidia.com/gpu-h200",
+    command_prefix: list[str] | None = None,
 ) -> Iterator[tuple[DaemonProcess, KubeletStandIn]]:
     """A kubelet stand-in and the daemon on a simulated node, registered and serving REST.
 
@@ -155,7 +160,12 @@ def simulated_node(
     plugin_dir.mkdir(parents=True, exist_ok=True)
     with KubeletStandIn(plugin_dir) as kubelet:
         daemon = DaemonProcess(
-            workdir, plugin_dir, platform=platform, extra_args=extra_args, env=env
+            workdir,
+            plugin_dir,
+            platform=platform,
+            extra_args=extra_args,
+            env=env,
+            command_prefix=command_prefix,
         ).start()
         try:
             kubelet.wait_registered([f"{resource_prefix}-{n}x" for n in sizes], timeout=30)
