@@ -38,6 +38,7 @@ from nvswitch_dp.partitions.node import (
     Deactivate,
     Effect,
     Failed,
+    ListFabric,
     Mode,
     NodeMachine,
     NodeView,
@@ -382,3 +383,28 @@ def test_a_failed_forced_deactivation_of_a_claim_that_moved_on_is_released_in_th
     # 1 is released; the claim's Prepare of 2 failed (FM was restarting), so 2 is free.
     assert rules.machine.held_partitions() == frozenset()
     assert rules.fm.active == set()
+
+
+def test_a_forced_deactivation_cut_by_an_fm_restart_leaves_the_pod_its_partition() -> None:
+    """Found by the fault campaign (fmpm, seed 1, step 196): a forced deactivation still
+    in flight when the machine learned of an FM restart was left out of set-activated;
+    the deactivation then failed (FM was restarting), the pod's hold came back, and FM
+    had the partition inactive under the pod. A forced deactivation that did not happen
+    must leave the partition as it was: named to the restarted FM like any held one."""
+    fm = ModelFabric(active={7})
+    machine = NodeMachine(TABLE, fm.report(), 0.0, grace=GRACE)
+    machine.pod_resources({7}, 0.0)  # a pod holds the partition found active
+    assert machine.held_partitions() == {7}
+    fm.restarting = True
+    machine.operator_deactivate(7, 1.0, force=True)
+    (deactivate,) = machine.take_effects()
+    assert isinstance(deactivate, Deactivate)
+    machine.supervise(2.0)
+    (listing,) = [e for e in machine.take_effects() if isinstance(e, ListFabric)]
+    machine.fm_outcome(listing.op, fm.apply(listing), 2.0)  # NOT_CONFIGURED: restarting
+    (resume,) = [e for e in machine.take_effects() if isinstance(e, SetActivated)]
+    assert 7 in resume.partition_ids  # still active as far as the restarted FM knows
+    machine.fm_outcome(deactivate.op, fm.apply(deactivate), 3.0)  # NOT_CONFIGURED too
+    machine.fm_outcome(resume.op, fm.apply(resume), 3.0)
+    assert machine.held_partitions() == {7}
+    assert fm.active == {7}  # the pod never lost its GPUs

@@ -50,7 +50,8 @@ N6 Reconcile. FM's report is the truth for settled partitions. A held partition 
    those partitions keep what their own outcome said (UNKNOWN ones wait for a newer
    list).
 N7 FM restart. NOT_CONFIGURED from any call means FM restarted and waits for
-   set-activated: the machine asks for it with exactly the partitions held and active,
+   set-activated: the machine asks for it with exactly the partitions held and active
+   (a forced deactivation still in flight counts as held: it has not happened yet),
    then lists; a set-activated that fails is sent again at the next supervision. While
    FM is unreachable or restarting nothing new is handed out (the fabric fault) but
    partitions in use stay Healthy. Trouble seen by any call but the supervisor's own
@@ -1060,11 +1061,19 @@ class NodeMachine:
                 return
             if not self._set_activated_sent:
                 self._set_activated_sent = True
+                # A forced deactivation still in flight (or unsettled) has not happened
+                # as far as the restarted FM knows: its partition is named like any held
+                # one, so that if the call fails (NOT_CONFIGURED, as it will while FM
+                # restarts) the holder it dropped gets back a partition that is active.
+                forced = {p for p in self._forced if self.book.phase(p) is not Phase.INACTIVE}
                 held = tuple(
                     sorted(
-                        pid
-                        for pid in self._holds
-                        if self.book.phase(pid) in (Phase.ACTIVE, Phase.UNKNOWN)
+                        forced
+                        | {
+                            pid
+                            for pid in self._holds
+                            if self.book.phase(pid) in (Phase.ACTIVE, Phase.UNKNOWN)
+                        }
                     )
                 )
                 self._emit(SetActivated(next(self._ops), held))
