@@ -76,7 +76,7 @@ HELP = """\
 -v : Show version
 (simulator only) --state-file <path> : Fabric Manager state file (or $NVSWITCH_DP_FMPM_SIM_STATE)
 (simulator only) --inject <fault> : unreachable|reachable|restart|slow-activation=SECONDS|
-     nvlink-error=PARTITION|degrade=MODULE:LINKS|gone=MODULE|clear
+     nvlink-error=PARTITION|degrade=MODULE:LINKS|gone=MODULE|garbled|ungarbled|clear
 """
 
 
@@ -381,7 +381,10 @@ def _operate(store: SimulatorStore, args: _Args) -> str:
     with _locked(store.path):
         sim = store.load()
         if args.operation == "list":
-            return styled_json(partition_list_json(sim.report()))
+            text = styled_json(partition_list_json(sim.report()))
+            if sim.faults.garbled_list:  # cut short, as a truncated pipe would leave it
+                return text[: len(text) // 2]
+            return text
         if args.operation == "unsupported":
             return styled_json(unsupported_list_json(sim.unsupported_partitions()))
         if args.operation == "nvlink-failed":

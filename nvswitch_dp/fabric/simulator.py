@@ -36,6 +36,7 @@ import trio
 
 from nvswitch_dp.fabric.platforms import Platform, platform
 from nvswitch_dp.fabric.types import (
+    FabricManagerError,
     FmBadParam,
     FmConnectionNotValid,
     FmGpu,
@@ -63,6 +64,9 @@ class Faults:
     nvlink_error_partitions: set[int] = field(default_factory=set)
     degraded_links: dict[int, int] = field(default_factory=dict)  # module -> links up
     gone_modules: set[int] = field(default_factory=set)
+    # FM's list answer arrives cut short (a truncated pipe, a crashing client library):
+    # fmpm prints half its JSON; the in-process simulator's list fails the same way.
+    garbled_list: bool = False
 
 
 @dataclass
@@ -199,6 +203,7 @@ class FabricSimulator:
                 "nvlink_error_partitions": sorted(self.faults.nvlink_error_partitions),
                 "degraded_links": {str(k): v for k, v in self.faults.degraded_links.items()},
                 "gone_modules": sorted(self.faults.gone_modules),
+                "garbled_list": self.faults.garbled_list,
             },
         }
 
@@ -223,6 +228,7 @@ class FabricSimulator:
                 nvlink_error_partitions=set(f.get("nvlink_error_partitions", [])),
                 degraded_links={int(k): int(v) for k, v in f.get("degraded_links", {}).items()},
                 gone_modules=set(f.get("gone_modules", [])),
+                garbled_list=bool(f.get("garbled_list", False)),
             ),
         )
 
@@ -235,6 +241,8 @@ FAULT_SPECS = (
     "nvlink-error=PARTITION",
     "degrade=MODULE:LINKS",
     "gone=MODULE",
+    "garbled",
+    "ungarbled",
     "clear",
 )
 
@@ -270,6 +278,8 @@ def inject_fault(sim: FabricSimulator, spec: str) -> None:
             sim.faults.degraded_links[int(module)] = int(links)
         elif name == "gone":
             sim.faults.gone_modules.add(int(arg))
+        elif name in ("garbled", "ungarbled") and not arg:
+            sim.faults.garbled_list = name == "garbled"
         else:
             raise ValueError("unknown fault")
     except ValueError as exc:
@@ -324,7 +334,10 @@ class SimulatedFabricManager:
         self.store = store
 
     async def list_partitions(self) -> FmReport:
-        return self.store.load().report()
+        sim = self.store.load()
+        if sim.faults.garbled_list:
+            raise FabricManagerError("list partitions", "answer cut short (injected: garbled)")
+        return sim.report()
 
     async def activate(self, partition_id: int) -> None:
         sim = self.store.load()

@@ -11,7 +11,10 @@ the operator. A seeded generator draws one :class:`Step` at a time:
   garbage device IDs, kubelet restarts, PodResources unreadable for a while, pods ending;
 * Fabric Manager: restart (``--restart`` mode), unreachable and back, slow activations,
   NVLink errors, degraded links, a partition activated behind the daemon's back
-  (``fmpm -a`` by hand);
+  (``fmpm -a`` by hand), list answers cut short (garbled) for a while, and two
+  overlapping partitions active in FM's state at once (impossible in FM: the campaign
+  writes the state; that pair is not counted as check 1 while both stay active, and the
+  node must converge out of it);
 * the daemon: SIGKILL (idle, or in the middle of an Allocate) and restart, SIGTERM
   (must exit 0 within :data:`SIGTERM_DEADLINE_S`, sent once the process catches SIGTERM:
   before that, during its exec and interpreter start, the kernel's default action ends
@@ -166,6 +169,7 @@ STEP_KINDS = (
     "daemon-term",  # ""
     "fm",  # an FM fault spec: restart, unreachable, reachable, slow-activation=S, ...
     "fm-behind",  # PARTITION activated in FM by hand
+    "fm-overlap",  # A,B  two overlapping partitions made active in FM's state together
     "kubelet-restart",
     "pods-down",
     "pods-up",
@@ -252,6 +256,12 @@ class Model:
     slow_calls_end: float = 0.0
     nvlink_errors: set[int] = field(default_factory=set)
     degraded: bool = False
+    garbled: bool = False  # FM's list answers arrive cut short
+    # Two overlapping partitions the campaign made active in FM behind everyone's back
+    # (FM itself never allows it): not the daemon's doing, so not an overlap violation
+    # while both stay active; the daemon must say so and converge.
+    injected_overlap: frozenset[int] = frozenset()
+    overlap_since_settle: bool = False  # an overlap was injected since the last settle
     pods_down: bool = False
     # A failed activation keeps a partition Unhealthy for a while (until this time).
     hold_until: dict[int, float] = field(default_factory=dict)
@@ -263,7 +273,11 @@ class Model:
         return {pid: pod.name for pod in self.pods.values() for pid in pod.partitions}
 
     def faults_active(self) -> bool:
-        return self.unreachable or bool(self.slow or self.nvlink_errors or self.degraded)
+        return (
+            self.unreachable
+            or self.garbled
+            or bool(self.slow or self.nvlink_errors or self.degraded)
+        )
 
 
 # -- checks (pure) ------------------------------------------------------------------------
@@ -830,7 +844,10 @@ class Campaign:
             "fm-fast": 3 if model.slow else 0,
             "fm-nvlink": 2,
             "fm-degrade": 1,
+            "fm-garbled": 0 if model.garbled else 1.5,
+            "fm-ungarbled": 4 if model.garbled else 0,
             "fm-behind": 1,
+            "fm-overlap": 1 if self._overlap_candidates() else 0,
             "kubelet-restart": 3,
             "pods-down": 0 if model.pods_down else 3,
             "pods-up": 5 if model.pods_down else 0,
@@ -887,6 +904,9 @@ class Campaign:
             return Step("daemon-kill")
         if choice == "daemon-term":
             return Step("daemon-term")
+        if choice == "fm-overlap":
+            a, b = rng.choice(self._overlap_candidates())
+            return Step(choice, f"{a},{b}")
         if choice.startswith("fm-") and choice != "fm-behind":
             modules = self.table.all_modules()
             fault = {
@@ -897,6 +917,8 @@ class Campaign:
                 "fm-fast": "slow-activation=0",
                 "fm-nvlink": f"nvlink-error={rng.choice(pids)}",
                 "fm-degrade": f"degrade={rng.choice(modules)}:{rng.randint(4, 16)}",
+                "fm-garbled": "garbled",
+                "fm-ungarbled": "ungarbled",
             }[choice]
             return Step("fm", fault)
         if choice == "fm-behind":
@@ -940,6 +962,9 @@ class Campaign:
         elif kind == "fm-behind":
             self._fault("FM activation behind the daemon's back")
             self._fm_behind(int(arg))
+        elif kind == "fm-overlap":
+            self._fault("FM reports overlapping partitions active")
+            self._fm_overlap(*(int(x) for x in arg.split(",")))
         elif kind == "kubelet-restart":
             self._fault("kubelet restart")
             self.pods.stop()
@@ -1270,6 +1295,8 @@ class Campaign:
             model.nvlink_errors.add(int(spec.partition("=")[2]))
         elif name == "degrade":
             model.degraded = True
+        elif name in ("garbled", "ungarbled"):
+            model.garbled = name == "garbled"
         elif name == "restart":
             model.prewarmed.clear()  # set-activated names what pods hold
         elif name == "clear":
@@ -1277,8 +1304,30 @@ class Campaign:
             for pid in model.nvlink_errors:
                 model.hold_until[pid] = time.monotonic() + FAULT_HOLD_S
             model.unreachable, model.slow, model.degraded = False, 0.0, False
+            model.garbled = False
             model.nvlink_errors.clear()
         self._say(f"FM fault {spec}")
+
+    def _overlap_candidates(self) -> list[tuple[int, int]]:
+        """Pairs of overlapping partitions that FM has inactive, no pod holds, and whose
+        GPUs nothing else uses (so the injected overlap involves nobody's VM)."""
+        if self.model.injected_overlap:
+            return []
+        try:
+            active = set(self.fm.read().active)
+        except (OSError, ValueError):
+            return []
+        busy = active | set(self.model.held) | self.model.prewarmed
+        free = [p for p in sorted(self.table.modules) if not any(
+            self.table.overlap(p, o) or p == o for o in busy)]  # fmt: skip
+        return [(a, b) for a in free for b in free if a < b and self.table.overlap(a, b)]
+
+    def _fm_overlap(self, a: int, b: int) -> None:
+        """Make ``a`` and ``b`` active in FM together, which FM itself never does."""
+        self.fm.change(lambda sim: sim.active.update({a, b}))
+        self.model.injected_overlap = frozenset({a, b})
+        self.model.overlap_since_settle = True
+        self._say(f"FM state: partitions {a} and {b} both active (impossible in FM)")
 
     def _fm_behind(self, pid: int) -> None:
         try:
@@ -1364,7 +1413,10 @@ class Campaign:
         """Checks 1 and 2, and that the daemon lives and answers /healthz."""
         sim = self.fm.read()
         active = frozenset(sim.active)
-        pairs = overlapping_pairs(self.table, active)
+        injected = self.model.injected_overlap
+        if injected and not injected <= active:
+            self.model.injected_overlap = injected = frozenset()  # resolved
+        pairs = [p for p in overlapping_pairs(self.table, active) if set(p) != injected]
         for a, b in pairs:
             self.violate(
                 "overlap",
@@ -1452,7 +1504,12 @@ class Campaign:
         begin = time.monotonic()
         # A slow activation still in flight ends when it ends; convergence starts then.
         in_flight = max(0.0, self.model.slow_calls_end - begin)
-        limit = settings.bound_s + settings.slack_s + in_flight
+        # An injected overlap is let go one partition at a time: the book holds one of
+        # the pair (it never has two overlapping partitions active), and takes up the
+        # other from the next list once the first is released (N6, N11): two rounds.
+        overlap = settings.bound_s if self.model.overlap_since_settle else 0.0
+        self.model.overlap_since_settle = False
+        limit = settings.bound_s + settings.slack_s + in_flight + overlap
         problems: list[str] = []  # the latest non-empty reading
         pending_at = 0.0  # when that reading was taken, seconds after the faults cleared
         converged_after: float | None = None
