@@ -234,3 +234,23 @@ async def test_backend_activation_delay_hides_partition_until_done(
         assert (await fm.list_partitions()).active_ids == frozenset()
     assert (await fm.list_partitions()).active_ids == {3}
     assert trio.current_time() == pytest.approx(3)
+
+
+async def test_a_garbled_list_cuts_only_a_list_fm_would_have_given(tmp_path: Path) -> None:
+    store = SimulatorStore(tmp_path / "fm.state", "hgx-h200")
+    fm = SimulatedFabricManager(store)
+    sim = store.load()
+    inject_fault(sim, "garbled")
+    store.save(sim)
+    with pytest.raises(FabricManagerError, match="answer cut short"):
+        await fm.list_partitions()
+    sim = store.load()
+    inject_fault(sim, "restart")  # FM in restart mode: NOT_CONFIGURED, not a garbled list
+    store.save(sim)
+    with pytest.raises(FmNotConfigured):
+        await fm.list_partitions()
+    sim = store.load()
+    inject_fault(sim, "clear")
+    store.save(sim)
+    await fm.set_activated([])
+    assert len((await fm.list_partitions()).partitions) == 15

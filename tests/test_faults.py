@@ -242,10 +242,17 @@ def test_garbled_lists_and_an_impossible_overlap_leave_no_violation(
     # FM's list answers cut short for a while (an Allocate in the middle), then FM's
     # state with two overlapping partitions active (6 = modules 6 and 8, 14 = module 8),
     # which no pod holds: the node must keep serving and converge out of both.
-    script = parse_script("fm=garbled;allocate=1x:partition-7;fm=ungarbled;fm-overlap=6,14;settle")
+    # Then both again across daemon restarts: one started while FM's lists are garbled
+    # waits for FM and serves once they clear; one started while FM has the overlap
+    # refuses to start (exit 1, one line naming both), and serves once the operator
+    # deactivates the partition no pod holds.
+    script = parse_script(
+        "fm=garbled;allocate=1x:partition-7;fm=ungarbled;fm-overlap=6,14;settle;"
+        "fm=garbled;daemon-kill;settle;fm-overlap=6,14;daemon-term;settle"
+    )
     result = run_campaign(tmp_path, backend, 1, 0, script=script)
-    assert result.steps == 5
-    assert result.faults["FM garbled"] == 1
-    assert result.faults["FM reports overlapping partitions active"] == 1
+    assert result.steps == 11
+    assert result.faults["FM garbled"] == 2
+    assert result.faults["FM reports overlapping partitions active"] == 2
     assert result.convergence_s, "the settle measured no convergence"
     assert not result.violations, "\n".join(str(v) for v in result.violations)

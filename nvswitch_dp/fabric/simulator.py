@@ -335,9 +335,10 @@ class SimulatedFabricManager:
 
     async def list_partitions(self) -> FmReport:
         sim = self.store.load()
+        report = sim.report()  # unreachable and NOT_CONFIGURED answer first, as in fmpm
         if sim.faults.garbled_list:
             raise FabricManagerError("list partitions", "answer cut short (injected: garbled)")
-        return sim.report()
+        return report
 
     async def activate(self, partition_id: int) -> None:
         sim = self.store.load()

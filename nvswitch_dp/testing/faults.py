@@ -847,7 +847,7 @@ class Campaign:
             "fm-garbled": 0 if model.garbled else 1.5,
             "fm-ungarbled": 4 if model.garbled else 0,
             "fm-behind": 1,
-            "fm-overlap": 1 if self._overlap_candidates() else 0,
+            "fm-overlap": 1 if self.api_up and self._overlap_candidates() else 0,
             "kubelet-restart": 3,
             "pods-down": 0 if model.pods_down else 3,
             "pods-up": 5 if model.pods_down else 0,
@@ -1147,12 +1147,48 @@ class Campaign:
         self.model.prewarmed.clear()  # a restarted daemon releases what no pod holds
         self._spawn()
         sim = self.fm.read()
-        if self.model.unreachable:
+        if self.model.unreachable or self.model.garbled:
             return  # it waits for FM; the next settle finds out whether it comes up
+        if self._injected_overlap_present():
+            self._overlap_refusal()
         if sim.awaiting_set_activated and self.model.pods_down:
             return  # it waits for PodResources to resume FM (up to 30 s)
         if not self._wait_started(START_DEADLINE_S):
             self._daemon_failed("did not register and serve REST after a restart")
+
+    def _injected_overlap_present(self) -> bool:
+        injected = self.model.injected_overlap
+        return bool(injected) and injected <= set(self.fm.read().active)
+
+    def _overlap_refusal(self) -> None:
+        """A daemon started while FM has the injected overlap must refuse to start: exit 1
+        with one line naming both partitions (issue 16). Then the operator's fix: the
+        partition of the pair no pod holds is deactivated by hand, and the daemon started
+        again."""
+        daemon = self.daemon
+        assert daemon is not None and daemon.process is not None
+        a, b = sorted(self.model.injected_overlap)
+        try:
+            code = daemon.process.wait(timeout=START_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        refusals = [line for line in daemon.log_text().splitlines() if "cannot start:" in line]
+        said = any(f"{a} and {b}" in line for line in refusals)
+        if code != 1 or len(refusals) != 1 or not said:
+            self.violate(
+                "serving",
+                f"FM has overlapping partitions {a} and {b} active at start: expected exit 1 "
+                f"and one 'cannot start' line naming both, got exit {code} and {refusals}",
+            )
+            self._kill_daemon()
+        held = set(self.model.held)
+        spare = b if a in held else a
+        self.fm.change(lambda sim: sim.active.discard(spare))
+        self.model.injected_overlap = frozenset()
+        self._say(f"the daemon refused FM's overlap {a}/{b}; fmpm -d {spare} by hand")
+        self._spawn()
+        if not self._wait_started(START_DEADLINE_S):
+            self._daemon_failed("did not start once the overlap was resolved")
 
     def _daemon_failed(self, what: str) -> None:
         assert self.daemon is not None
@@ -1493,6 +1529,8 @@ class Campaign:
         """Clear every fault, wait for convergence (check 3), then check serving (4)."""
         self._fm_fault("clear")
         self._pods_up()
+        if not self.api_up and self._injected_overlap_present():
+            self._overlap_refusal()  # it waited for FM, then found the overlap
         if self.orphans:
             self._reap_orphans()
         if not self.api_up and not self._wait_started(START_DEADLINE_S):
