@@ -133,27 +133,15 @@ def find_tools(driver_root: Path | None, nvml_library: str | None, nvidia_smi: s
     ``driver_root``, else the system's own (``libnvidia-ml.so.1`` through the loader,
     ``nvidia-smi`` on PATH)."""
     library = Path(nvml_library) if nvml_library else None
-    program = nvidia_smi
+    program = Path(nvidia_smi) if nvidia_smi else None
     if driver_root is not None:
-        if library is None:
-            library = next(
-                (
-                    driver_root / d / "libnvidia-ml.so.1"
-                    for d in _LIBRARY_DIRS
-                    if (driver_root / d / "libnvidia-ml.so.1").exists()
-                ),
-                None,
-            )
-        if program is None:
-            program = next(
-                (
-                    str(driver_root / d / "nvidia-smi")
-                    for d in _BIN_DIRS
-                    if (driver_root / d / "nvidia-smi").exists()
-                ),
-                None,
-            )
-    return Tools(library, program or "nvidia-smi")
+        library = library or _first_file(driver_root, _LIBRARY_DIRS, NVML_SONAME)
+        program = program or _first_file(driver_root, _BIN_DIRS, "nvidia-smi")
+    return Tools(library, str(program) if program else "nvidia-smi")
+
+
+def _first_file(root: Path, directories: Sequence[str], name: str) -> Path | None:
+    return next((root / d / name for d in directories if (root / d / name).exists()), None)
 
 
 def run_nvidia_smi(tools: Tools, timeout: float = NVIDIA_SMI_TIMEOUT_S) -> str:
@@ -188,7 +176,9 @@ def _run_bounded(program: str, env: Mapping[str, str], timeout: float) -> str:
     size = 0
     deadline = time.monotonic() + timeout
     problem = None
-    with process, selectors.DefaultSelector() as selector:
+    # Not ``with process``: Popen's exit waits for the child without a bound, and a child
+    # stuck in the driver (a wedged GPU) outlives even SIGKILL.
+    with process.stdout, selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
         while True:
             left = deadline - time.monotonic()

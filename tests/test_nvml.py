@@ -80,8 +80,20 @@ def _read(
     empty = tmp_path / "empty"
     empty.mkdir(exist_ok=True)
     env["LD_LIBRARY_PATH"] = str(search if search is not None else empty)
+    result = _run_python(_RUNNER.format(prelude=prelude), library_path, env)
+    first, second = result["reads"]
+    assert first == second, "a second read in the same process answered differently"
+    if isinstance(first, dict):
+        assert not first["chained"], "NvmlUnavailable should be raised 'from None'"
+        return Outcome(gpus=None, error=first["error"], after=result["after"])
+    return Outcome(gpus=first, error=None, after=result["after"])
+
+
+def _run_python(code: str, argument: str, env: dict[str, str]) -> Any:
+    """``code`` in a fresh interpreter (pynvml keeps the first library it loads for the
+    life of a process); what it printed, as JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", _RUNNER.format(prelude=prelude), library_path],
+        [sys.executable, "-c", code, argument],
         env=env,
         capture_output=True,
         text=True,
@@ -89,13 +101,7 @@ def _read(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    first, second = result["reads"]
-    assert first == second, "a second read in the same process answered differently"
-    if isinstance(first, dict):
-        assert not first["chained"], "NvmlUnavailable should be raised 'from None'"
-        return Outcome(gpus=None, error=first["error"], after=result["after"])
-    return Outcome(gpus=first, error=None, after=result["after"])
+    return json.loads(done.stdout)
 
 
 def _gpu(
@@ -251,16 +257,7 @@ def test_fake_follows_the_header(tmp_path: Path, fake_nvml_dir: Path) -> None:
     """The fake itself: return codes, the length argument and pynvml's struct layout."""
     env = dict(os.environ)
     env[FAKE_NVML_ENV] = str(write_fake_nvml(tmp_path / "gpus.txt", [H200_GPU_LINE]))
-    done = subprocess.run(
-        [sys.executable, "-c", _FAKE_CHECK, str(fake_nvml_dir / LIBRARY_NAME)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    answers = json.loads(done.stdout)
+    answers = _run_python(_FAKE_CHECK, str(fake_nvml_dir / LIBRARY_NAME), env)
     assert answers == {
         "before_init": 1,  # UNINITIALIZED
         "init": 0,
