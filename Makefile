@@ -37,7 +37,7 @@ test: lint
 	$(BIN)/pytest
 
 test-cover: lint
-	$(BIN)/pytest --cov=nvswitch_dp --cov=api --cov-report=term-missing --cov-report=xml
+	$(BIN)/pytest --cov=nvswitch_dp --cov-report=term-missing --cov-report=xml
 
 build: deps
 	$(BIN)/pip wheel --no-deps -w dist .

@@ -22,7 +22,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nvswitch_dp.testing.harness import simulated_node
+from testkit.harness import simulated_node
 
 R = "nvidia.com/gpu-h200"
 

@@ -29,8 +29,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nvswitch_dp.fabric.simulator import SimulatorStore, inject_fault
-from nvswitch_dp.testing.harness import DaemonProcess
-from nvswitch_dp.testing.kubelet import KubeletStandIn, load_api, unix_address
+from testkit.harness import DaemonProcess
+from testkit.kubelet import KubeletStandIn, load_api, unix_address
 
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
@@ -203,8 +203,8 @@ def fm_restart_by_backend(root: Path, restarts: int) -> dict[str, list[float]]:
     supervision period."""
     import random
 
-    from nvswitch_dp.testing.faults import fake_fmpm_path
-    from nvswitch_dp.testing.harness import simulated_node
+    from testkit.faults import fake_fmpm_path
+    from testkit.harness import simulated_node
 
     rng = random.Random(16)
     library = build_fake_libnvfm(root)

@@ -12,7 +12,7 @@ Real processes over real sockets: the daemon runs ``nvswitch-dp run --mode dra -
 hgx-h200`` (simulator with no activation delay); the kubelet is the grpcio DRA stand-in
 (NodePrepareResources / NodeUnprepareResources on the daemon's Unix socket); the API server
 is the HTTP stand-in in this process, which the daemon reads claims from and publishes
-slices to (nvswitch_dp.testing.dra_cluster).
+slices to (testkit.dra_cluster).
 
 - Prepare: one 4-GPU partition claim, allocated by the scheduler stand-in beforehand; the
   call reads the claim over HTTP, activates the partition in FM, writes the device metadata
@@ -40,8 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-from nvswitch_dp.testing.dra_allocator import partition_claim  # noqa: E402
-from nvswitch_dp.testing.dra_cluster import DraCluster  # noqa: E402
+from testkit.dra_allocator import partition_claim  # noqa: E402
+from testkit.dra_cluster import DraCluster  # noqa: E402
 
 WITH_GPU_5 = {"partition-0", "partition-2", "partition-5", "partition-11", "gpu-5"}
 

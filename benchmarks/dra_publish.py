@@ -27,7 +27,7 @@ from nvswitch_dp.dra.publish import PoolPublisher
 from nvswitch_dp.dra.slices import DEFAULT_DRIVER, PoolInputs
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.partitions.table import PartitionTable
-from nvswitch_dp.testing.apiserver import ApiServer
+from testkit.apiserver import ApiServer
 
 
 def _inputs(name: str, node: str) -> PoolInputs:

@@ -7,7 +7,7 @@
 For each backend: a fresh simulated HGX H200 node (``nvswitch-dp run --simulate
 hgx-h200`` as a process, the grpcio kubelet and PodResources stand-ins, the REST API with
 a token file; ``fmpm`` runs the ``nvswitch-dp-fmpm-sim`` fake), then ``--steps`` seeded
-steps with the invariants checked after each (see :mod:`nvswitch_dp.testing.faults`).
+steps with the invariants checked after each (see :mod:`testkit.faults`).
 Prints a Markdown table per backend (steps, faults injected by kind, violations, worst
 convergence time against the bound) and every violation with its step, seed and the
 steps since the last settle, which ``--script`` replays. Exits 1 when anything was
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nvswitch_dp.testing.faults import (
+from testkit.faults import (
     BACKENDS,
     CHECKS,
     CampaignResult,

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon import allocate_request, allocate_stub, percentile  # benchmarks/daemon.py
 
-from nvswitch_dp.testing.harness import free_port, simulated_node
+from testkit.harness import free_port, simulated_node
 
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]

@@ -7,7 +7,7 @@
             │                               SIGHUP logged and ignored
             │   (first_report: wait for FM, resume a restarted one; runs in the body)
             ├── run_effects                 every FM call the node machine asks for
-            ├── serve_api                   Quart-Trio on Hypercorn (api/server.py:
+            ├── serve_api                   Quart-Trio on Hypercorn (nvswitch_dp/api/server.py:
             │                               connections capped, idle/read deadlines)
             ├── supervise_fabric            list FM every period (at once on trouble)
             ├── watch_gpu_health            VFIO state of every GPU
@@ -61,9 +61,9 @@ import hypercorn.config
 import trio
 import trio_asyncio
 
-from api.app import create_app
-from api.schemas import DEFAULT_LIST_FAILURE_WINDOW_S, fabric_problems
-from api.server import ConnectionGate, rest_config, serve_api
+from nvswitch_dp.api.app import create_app
+from nvswitch_dp.api.schemas import DEFAULT_LIST_FAILURE_WINDOW_S, fabric_problems
+from nvswitch_dp.api.server import ConnectionGate, rest_config, serve_api
 from nvswitch_dp.config import ApiConfig, Config
 from nvswitch_dp.controller import GpuSlot, PartitionController
 from nvswitch_dp.fabric.platforms import PLATFORMS
@@ -405,7 +405,7 @@ def api_config(api: ApiConfig) -> hypercorn.config.Config:
     # A Logger instance is used as is: its records go through our handlers, once.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
-    return rest_config(config)  # idle and read deadlines (api/server.py)
+    return rest_config(config)  # idle and read deadlines (nvswitch_dp/api/server.py)
 
 
 def connection_gate(api: ApiConfig, metrics: Metrics) -> ConnectionGate:

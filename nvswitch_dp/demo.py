@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nvswitch_dp.status import status_main
-from nvswitch_dp.testing.kubelet import KubeletStandIn
+from testkit.kubelet import KubeletStandIn
 
 if TYPE_CHECKING:
-    from nvswitch_dp.testing.dra_cluster import DraCluster
+    from testkit.dra_cluster import DraCluster
 
 RESOURCE_PREFIX = "nvidia.com/gpu-h200"
 
@@ -263,7 +263,7 @@ def run_dra_demo(
 
 
 def _run_dra_demo(workdir: Path, platform: str, api_listen: str, port: int, wait: bool) -> int:
-    from nvswitch_dp.testing.dra_cluster import DraCluster
+    from testkit.dra_cluster import DraCluster
 
     with DraCluster(workdir, platform=platform) as cluster:
         _say(f"API-server stand-in on {cluster.api.url}; DRA kubelet stand-in watching "
@@ -282,7 +282,7 @@ def _run_dra_demo(workdir: Path, platform: str, api_listen: str, port: int, wait
 
 
 def _dra_walk_through(cluster: DraCluster, started: float) -> int:
-    from nvswitch_dp.testing.dra_allocator import gpu_claim, partition_claim
+    from testkit.dra_allocator import gpu_claim, partition_claim
 
     driver = cluster.driver
     slices = cluster.slices()

@@ -1,6 +1,6 @@
 """The kubelet's side of the device-plugin and PodResources APIs, played in the test's Trio run.
 
-The grpcio stand-in (:mod:`nvswitch_dp.testing.kubelet`) runs in its own threads, which
+The grpcio stand-in (:mod:`testkit.kubelet`) runs in its own threads, which
 make progress in real time while a ``MockClock`` jumps; this one runs as Trio tasks (with
 grpclib on trio-asyncio, like the daemon) in the same run as the daemon under test, so
 every step of both sides happens in virtual time and ``autojump_clock`` stays

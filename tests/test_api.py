@@ -16,9 +16,9 @@ import yaml
 from quart.typing import TestClientProtocol as QuartClient
 from quart_trio import QuartTrio
 
-from api.app import MAX_JSON_DEPTH, Pacer, create_app
-from api.asgi import BODY_TIMEOUT, MAX_BODY_BYTES, WholeExchanges
-from api.problems import PROBLEM_TYPES, TYPE_BASE
+from nvswitch_dp.api.app import MAX_JSON_DEPTH, Pacer, create_app
+from nvswitch_dp.api.asgi import BODY_TIMEOUT, MAX_BODY_BYTES, WholeExchanges
+from nvswitch_dp.api.problems import PROBLEM_TYPES, TYPE_BASE
 from nvswitch_dp.cli import simulated
 from nvswitch_dp.config import Config, with_overrides
 from nvswitch_dp.controller import PartitionController

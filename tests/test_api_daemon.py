@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from nvswitch_dp.testing.harness import DaemonProcess
-from nvswitch_dp.testing.kubelet import KubeletStandIn
+from testkit.harness import DaemonProcess
+from testkit.kubelet import KubeletStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 OPENAPI = ROOT / "openapi.yaml"

@@ -25,7 +25,7 @@ import trio
 import trio.testing
 from test_api import TOKEN, make_api
 
-from api.server import ConnectionGate, serve_api
+from nvswitch_dp.api.server import ConnectionGate, serve_api
 from nvswitch_dp.config import ApiConfig
 from nvswitch_dp.daemon import api_config
 

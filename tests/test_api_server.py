@@ -1,4 +1,4 @@
-"""The REST server's bounds (api/server.py), the descriptor budget (nvswitch_dp/limits.py),
+"""The REST server's bounds (nvswitch_dp/api/server.py), the descriptor budget (limits.py),
 the asyncio error policy (plugin/grpc_trio.py) and clipped echoes (nvswitch_dp/echo.py)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import trio.testing
 import trio_asyncio
 from test_api import make_api
 
-from api.server import ConnectionGate, _accept_loop, serve_api
+from nvswitch_dp.api.server import ConnectionGate, _accept_loop, serve_api
 from nvswitch_dp.config import ApiConfig
 from nvswitch_dp.daemon import api_config
 from nvswitch_dp.echo import clipped

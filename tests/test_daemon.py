@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nvswitch_dp.testing.harness import DaemonProcess, simulated_node
-from nvswitch_dp.testing.kubelet import KubeletStandIn
+from testkit.harness import DaemonProcess, simulated_node
+from testkit.kubelet import KubeletStandIn
 
 H200 = "nvidia.com/gpu-h200"
 RESOURCES = [f"{H200}-{n}x" for n in (1, 2, 4, 8)]

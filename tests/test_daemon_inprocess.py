@@ -17,7 +17,7 @@ PodResources List's 5 s) are virtual too. inotify events are queued by the kerne
 the test's own ``unlink``/``mknod``, so they are seen the same way. Hypercorn binds
 ``127.0.0.1:0`` (a numeric host: no resolver thread).
 
-What would not work: the grpcio stand-in (``nvswitch_dp.testing.kubelet``) runs in its
+What would not work: the grpcio stand-in (``testkit.kubelet``) runs in its
 own threads, which make progress in real time; while the Trio side waits for them no task
 is runnable and the poll finds nothing, so the clock jumps and every timeout fires at
 once. Nor would anything the daemon ran in a worker thread (the libnvfm backend's calls,
@@ -66,8 +66,8 @@ from inprocess_kubelet import (
 )
 from node_helpers import ops
 
-from api.app import create_app
-from api.schemas import readiness_problems
+from nvswitch_dp.api.app import create_app
+from nvswitch_dp.api.schemas import readiness_problems
 from nvswitch_dp.cli import simulated
 from nvswitch_dp.config import Config, with_overrides
 from nvswitch_dp.controller import PartitionController

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nvswitch_dp.testing.harness import free_port
+from testkit.harness import free_port
 
 
 def test_demo_prepares_the_node_then_serves_from_the_inventory_and_stops_cleanly() -> None:

@@ -1,7 +1,7 @@
 """DRA mode end to end: the real daemon process, the API-server stand-in (HTTP), the grpcio
 DRA kubelet stand-in (Unix sockets) and the counter-honouring scheduler stand-in.
 
-Every test starts its own simulated node (nvswitch_dp.testing.dra_cluster); waits are
+Every test starts its own simulated node (testkit.dra_cluster); waits are
 bounded, nothing is timed.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from nvswitch_dp.dra.metadata import CONTAINER_DIR
-from nvswitch_dp.testing.dra_allocator import gpu_claim, partition_claim
-from nvswitch_dp.testing.dra_cluster import DraCluster, dra_cluster
+from testkit.dra_allocator import gpu_claim, partition_claim
+from testkit.dra_cluster import DraCluster, dra_cluster
 
 DRIVER = "gpu.nvswitch-dp.io"
 PCI = "resource.kubernetes.io/pciBusID"

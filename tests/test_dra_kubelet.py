@@ -27,7 +27,7 @@ from nvswitch_dp.dra.kubelet import (
 )
 from nvswitch_dp.plugin.grpc_trio import serving
 from nvswitch_dp.proto import pluginregistration as reg
-from nvswitch_dp.testing.dra_kubelet import (
+from testkit.dra_kubelet import (
     V1_SERVICE,
     V1BETA1_SERVICE,
     ClaimSpec,

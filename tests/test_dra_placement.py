@@ -1,6 +1,6 @@
 """Placement in DRA mode: the order the pool lists its devices in is the policy.
 
-The scheduler stand-in (:mod:`nvswitch_dp.testing.dra_allocator`) takes the first device
+The scheduler stand-in (:mod:`testkit.dra_allocator`) takes the first device
 that fits in listed order, as kube-scheduler's structured allocator does; these tests
 check that, over the slices :func:`~nvswitch_dp.dra.slices.build_pool` builds with
 :func:`~nvswitch_dp.partitions.policy.placement_order`, it takes exactly what
@@ -33,7 +33,7 @@ from nvswitch_dp.partitions.policy import (
     remaining_after,
 )
 from nvswitch_dp.partitions.table import PartitionTable
-from nvswitch_dp.testing.dra_allocator import Allocator, gpu_claim, partition_claim
+from testkit.dra_allocator import Allocator, gpu_claim, partition_claim
 
 TABLES = ("hgx-h200", "hgx-a100-16")
 

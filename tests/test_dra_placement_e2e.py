@@ -26,10 +26,10 @@ from nvswitch_dp.partitions.policy import (
     remaining_after,
 )
 from nvswitch_dp.partitions.table import PartitionTable
-from nvswitch_dp.testing.apiserver import DEVICE_STATUS, TAINTS
-from nvswitch_dp.testing.dra_allocator import partition_claim
-from nvswitch_dp.testing.dra_cluster import DraCluster, dra_cluster
-from nvswitch_dp.testing.dra_kubelet import ClaimSpec
+from testkit.apiserver import DEVICE_STATUS, TAINTS
+from testkit.dra_allocator import partition_claim
+from testkit.dra_cluster import DraCluster, dra_cluster
+from testkit.dra_kubelet import ClaimSpec
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from nvswitch_dp.dra.kube import KubeClient
 from nvswitch_dp.dra.publish import PoolPublisher
 from nvswitch_dp.dra.slices import PoolInputs, build_pool, without_generation
 from nvswitch_dp.dra.validation import check_pool
-from nvswitch_dp.testing.apiserver import TAINTS, ApiServer
+from testkit.apiserver import TAINTS, ApiServer
 
 TOKEN = "publisher-test-token"
 DEVICES = "node-a-gpu-nvswitch-dp-io-devices-0"

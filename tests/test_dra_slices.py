@@ -28,7 +28,7 @@ from nvswitch_dp.dra.slices import (
 from nvswitch_dp.dra.validation import check_pool, check_slice, is_dns_subdomain
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.partitions.table import PartitionTable
-from nvswitch_dp.testing.dra_allocator import Allocator, gpu_claim, partition_claim
+from testkit.dra_allocator import Allocator, gpu_claim, partition_claim
 
 TABLES_JSON = Path("/work/shared/reference/partition-tables.json")
 K8S_VERSIONS = ("1.36.0", "1.37.0")

@@ -31,7 +31,7 @@ from nvswitch_dp.fabric.types import (
     FmNotConfigured,
     FmUninitialized,
 )
-from nvswitch_dp.testing.harness import simulated_node
+from testkit.harness import simulated_node
 
 FAKE_SOURCE = Path(__file__).parent / "fakes" / "libnvfm_fake.c"
 STATE_ENV = "NVSWITCH_DP_FAKE_NVFM_STATE"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nvswitch_dp.testing.faults import (
+from testkit.faults import (
     AllocationSpec,
     CampaignSettings,
     Model,

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from nvswitch_dp.fabric.simulator import STATE_VERSION
-from nvswitch_dp.testing.harness import DaemonProcess, simulated_node
+from testkit.harness import DaemonProcess, simulated_node
 
 H200 = "nvidia.com/gpu-h200"
 RESOURCES = [f"{H200}-{n}x" for n in (1, 2, 4, 8)]
@@ -217,7 +217,7 @@ def test_fm_reporting_an_overlap_mid_run_is_said_once_counted_and_not_ready(
 def test_failing_fm_lists_make_readyz_503_after_the_window_and_it_recovers(
     tmp_path: Path,
 ) -> None:
-    from nvswitch_dp.testing.faults import fake_fmpm_path
+    from testkit.faults import fake_fmpm_path
 
     garble = tmp_path / "garble"
     wrapper = tmp_path / "fmpm"
@@ -251,7 +251,7 @@ def test_a_damaged_dra_checkpoint_is_one_line_naming_the_file_and_exit_1(
     tmp_path: Path,
 ) -> None:
     from nvswitch_dp.daemon import CHECKPOINT_FILE
-    from nvswitch_dp.testing.apiserver import write_kubeconfig
+    from testkit.apiserver import write_kubeconfig
 
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9", "t")
     args = ["--mode", "dra", "--node-name", "n1", "--kubeconfig", str(kubeconfig)]
@@ -272,7 +272,7 @@ def test_a_damaged_dra_checkpoint_is_one_line_naming_the_file_and_exit_1(
 
 def test_list_and_watch_streams_per_resource_are_capped(tmp_path: Path) -> None:
     from nvswitch_dp.plugin.service import MAX_STREAMS
-    from nvswitch_dp.testing.kubelet import unix_address
+    from testkit.kubelet import unix_address
 
     with simulated_node(tmp_path) as (daemon, kubelet):
         api = kubelet.api

@@ -23,7 +23,7 @@ import pytest
 from grpclib.client import Channel
 
 from nvswitch_dp.proto import v1 as podresources
-from nvswitch_dp.testing.kubelet import (
+from testkit.kubelet import (
     CHECKPOINT_FILE,
     KUBELET_SOCKET,
     PROTO_DIR_ENV,
@@ -408,7 +408,7 @@ def test_the_command_line_prints_registrations_and_updates(
 ) -> None:
     plugin_dir, _ = own_plugin
     process = subprocess.Popen(
-        [sys.executable, "-m", "nvswitch_dp.testing.kubelet", "--plugin-dir", str(plugin_dir)],
+        [sys.executable, "-m", "testkit.kubelet", "--plugin-dir", str(plugin_dir)],
         stdout=subprocess.PIPE,
         text=True,
         env=PROCESS_ENV,

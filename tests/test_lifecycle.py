@@ -18,8 +18,6 @@ import pytest
 
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import SimulatorStore
-from nvswitch_dp.testing.harness import DaemonProcess
-from nvswitch_dp.testing.kubelet import KubeletStandIn, PodResourcesStandIn
 from nvswitch_dp.vfio.simulate import (
     SimulatedNode,
     add_foreign_function,
@@ -29,6 +27,8 @@ from nvswitch_dp.vfio.simulate import (
     restore_vfio_group,
     unbind,
 )
+from testkit.harness import DaemonProcess
+from testkit.kubelet import KubeletStandIn, PodResourcesStandIn
 
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from nvswitch_dp.metrics import Metrics
-from nvswitch_dp.testing.harness import DaemonProcess, free_port, simulated_node
-from nvswitch_dp.testing.kubelet import KubeletStandIn
+from testkit.harness import DaemonProcess, free_port, simulated_node
+from testkit.kubelet import KubeletStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deployments" / "grafana" / "nvswitch-dp-dashboard.json"

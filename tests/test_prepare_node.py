@@ -30,8 +30,6 @@ from nvml_helpers import (  # noqa: F401
 from sysfs_helpers import REAL_ADDRESS, real_like_node
 
 from nvswitch_dp.fabric.platforms import platform
-from nvswitch_dp.testing.harness import DaemonProcess
-from nvswitch_dp.testing.kubelet import KubeletStandIn
 from nvswitch_dp.vfio.discovery import read_function, vfio_problem
 from nvswitch_dp.vfio.nvidia_smi_sim import install_nvidia_smi
 from nvswitch_dp.vfio.simulate import (
@@ -41,6 +39,8 @@ from nvswitch_dp.vfio.simulate import (
     build_simulated_node,
     hold_open,
 )
+from testkit.harness import DaemonProcess
+from testkit.kubelet import KubeletStandIn
 
 FIXTURES = Path(__file__).parent / "fixtures" / "h200-sxm-passthrough"
 H200 = "nvidia.com/gpu-h200"

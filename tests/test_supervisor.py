@@ -21,8 +21,8 @@ from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore,
 from nvswitch_dp.partitions.node import FAILURE_HOLD_S
 from nvswitch_dp.partitions.state import Phase, State
 from nvswitch_dp.ports import PodDevices
-from nvswitch_dp.testing.harness import DaemonProcess
-from nvswitch_dp.testing.kubelet import KubeletStandIn
+from testkit.harness import DaemonProcess
+from testkit.kubelet import KubeletStandIn
 
 
 async def supervise(controller: PartitionController) -> None:

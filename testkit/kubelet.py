@@ -30,7 +30,7 @@ method may be called from any thread. The caller owns the directory; the stand-i
 
 Run it by hand next to a plugin::
 
-    python -m nvswitch_dp.testing.kubelet --plugin-dir DIR [--pod-resources-socket PATH]
+    python -m testkit.kubelet --plugin-dir DIR [--pod-resources-socket PATH]
 """
 
 from __future__ import annotations
@@ -762,7 +762,7 @@ class PodResourcesStandIn:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-in until Ctrl-C or SIGTERM, printing what the plugins send."""
     parser = argparse.ArgumentParser(
-        prog="python -m nvswitch_dp.testing.kubelet",
+        prog="python -m testkit.kubelet",
         description="A kubelet stand-in (device plugin Registration, PodResources) in grpcio.",
     )
     parser.add_argument(

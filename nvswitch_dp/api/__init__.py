@@ -1,5 +1,5 @@
 """The REST control API (Quart-Trio on Hypercorn), described by ``openapi.yaml``."""
 
-from api.app import create_app
+from nvswitch_dp.api.app import create_app
 
 __all__ = ["create_app"]

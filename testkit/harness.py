@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nvswitch_dp.testing.kubelet import KubeletStandIn
+    from testkit.kubelet import KubeletStandIn
 
 
 def free_port() -> int:
@@ -154,7 +154,7 @@ def simulated_node(
     Errors: ``TimeoutError`` when the resources do not register or the API does not
     come up.
     """
-    from nvswitch_dp.testing.kubelet import KubeletStandIn
+    from testkit.kubelet import KubeletStandIn
 
     plugin_dir = workdir / "device-plugins"
     plugin_dir.mkdir(parents=True, exist_ok=True)

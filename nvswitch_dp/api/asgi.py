@@ -45,7 +45,7 @@ from hypercorn.typing import (
     Scope,
 )
 
-from api.problems import PROBLEM_CONTENT_TYPE, Problem
+from nvswitch_dp.api.problems import PROBLEM_CONTENT_TYPE, Problem
 
 __all__ = [
     "BODY_TIMEOUT",

@@ -77,8 +77,8 @@ import grpc
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import FabricSimulator, SimulatorStore, inject_fault
 from nvswitch_dp.fabric.types import FabricManagerError
-from nvswitch_dp.testing.harness import DaemonProcess
-from nvswitch_dp.testing.kubelet import (
+from testkit.harness import DaemonProcess
+from testkit.kubelet import (
     HEALTHY,
     KubeletStandIn,
     NotRegisteredError,

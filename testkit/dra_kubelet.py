@@ -33,7 +33,7 @@ released by :meth:`stop`.
 
 Run it by hand next to a driver::
 
-    python -m nvswitch_dp.testing.dra_kubelet --registry-dir DIR
+    python -m testkit.dra_kubelet --registry-dir DIR
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, Self
 
 import grpc
 
-from nvswitch_dp.testing.kubelet import find_proto_dir, unix_address
+from testkit.kubelet import find_proto_dir, unix_address
 
 PLUGIN_TYPE = "DRAPlugin"
 V1_SERVICE = "v1.DRAPlugin"
@@ -93,7 +93,7 @@ class DraApi(NamedTuple):
 def load_api() -> DraApi:
     """Compile the kubelet's registration and DRA protos with grpcio (once per process).
 
-    Raises :class:`~nvswitch_dp.testing.kubelet.ProtoDirNotFoundError`, or grpcio's
+    Raises :class:`~testkit.kubelet.ProtoDirNotFoundError`, or grpcio's
     error for a malformed ``.proto``.
     """
     proto_dir = str(find_proto_dir())
@@ -591,7 +591,7 @@ class DraKubeletStandIn:
 def main(argv: Sequence[str] | None = None) -> int:
     """Watch a registry directory until Ctrl-C or SIGTERM, printing what happens."""
     parser = argparse.ArgumentParser(
-        prog="python -m nvswitch_dp.testing.dra_kubelet",
+        prog="python -m testkit.dra_kubelet",
         description="A kubelet stand-in for DRA drivers (plugin registration) in grpcio.",
     )
     parser.add_argument(

@@ -28,7 +28,7 @@ import hmac
 import logging
 import os
 
-from api.problems import Problem
+from nvswitch_dp.api.problems import Problem
 
 log = logging.getLogger(__name__)
 

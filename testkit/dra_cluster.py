@@ -2,16 +2,16 @@
 
 Pieces, all real processes or real servers over real sockets:
 
-- the API-server stand-in (:class:`~nvswitch_dp.testing.apiserver.ApiServer`, HTTP, in a
-  thread of this process), whose :class:`~nvswitch_dp.testing.apiserver.ApiStore`
+- the API-server stand-in (:class:`~testkit.apiserver.ApiServer`, HTTP, in a
+  thread of this process), whose :class:`~testkit.apiserver.ApiStore`
   outlives it, so :meth:`DraCluster.api_down` / :meth:`DraCluster.api_up` play an outage
   on the same port with the same objects;
-- the grpcio DRA kubelet stand-in (:class:`~nvswitch_dp.testing.dra_kubelet.DraKubeletStandIn`)
+- the grpcio DRA kubelet stand-in (:class:`~testkit.dra_kubelet.DraKubeletStandIn`)
   watching the node's plugin registry directory;
-- the scheduler, played by :class:`~nvswitch_dp.testing.dra_allocator.Allocator` over the
+- the scheduler, played by :class:`~testkit.dra_allocator.Allocator` over the
   slices the daemon published and the allocations already written in the store;
 - the daemon, ``nvswitch-dp run --mode dra --simulate PLATFORM`` as a child process
-  (:class:`~nvswitch_dp.testing.harness.DaemonProcess`).
+  (:class:`~testkit.harness.DaemonProcess`).
 
 Ownership: :class:`DraCluster` owns the API server, the kubelet stand-in and the daemon
 processes it starts; the caller owns ``workdir``. Waits raise ``TimeoutError`` naming what
@@ -31,10 +31,10 @@ from typing import Any
 
 from nvswitch_dp.dra.cdi import CdiDirectory
 from nvswitch_dp.dra.slices import DEFAULT_DRIVER
-from nvswitch_dp.testing.apiserver import ApiServer, ApiStore
-from nvswitch_dp.testing.dra_allocator import Allocator, Claim
-from nvswitch_dp.testing.dra_kubelet import ClaimSpec, DraKubeletStandIn, PrepareAnswer
-from nvswitch_dp.testing.harness import DaemonProcess
+from testkit.apiserver import ApiServer, ApiStore
+from testkit.dra_allocator import Allocator, Claim
+from testkit.dra_kubelet import ClaimSpec, DraKubeletStandIn, PrepareAnswer
+from testkit.harness import DaemonProcess
 
 NODE = "hgx-node-1"
 TOKEN = "standin-token"

@@ -25,15 +25,15 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from api.asgi import BODY_TIMEOUT, MAX_BODY_BYTES, WholeExchanges
-from api.auth import Authorizer, TokenSource
-from api.problems import (
+from nvswitch_dp.api.asgi import BODY_TIMEOUT, MAX_BODY_BYTES, WholeExchanges
+from nvswitch_dp.api.auth import Authorizer, TokenSource
+from nvswitch_dp.api.problems import (
     PROBLEM_CONTENT_TYPE,
     Problem,
     problem_from_fabric_error,
     problem_from_state_error,
 )
-from api.schemas import (
+from nvswitch_dp.api.schemas import (
     DEFAULT_LIST_FAILURE_WINDOW_S,
     NodeFacts,
     gpu_json,

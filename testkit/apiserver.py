@@ -30,7 +30,7 @@ conventions for exactly what the daemon touches:
 Ownership: :class:`ApiStore` holds the objects and outlives servers, so a test can stop the
 server (every open connection is closed too: an outage, not a pause) and start another on
 the same port with the same objects. :class:`ApiServer` is the HTTP front, run in a thread
-(``start()``/``stop()``); ``python -m nvswitch_dp.testing.apiserver`` runs it as a process
+(``start()``/``stop()``); ``python -m testkit.apiserver`` runs it as a process
 (SIGTERM or SIGINT stops it; kill it to play a crash).
 """
 
@@ -685,7 +685,7 @@ def write_kubeconfig(path: Path, server_url: str, token: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Run the stand-in until SIGTERM or SIGINT; prints ``listening on <url>`` once bound."""
     parser = argparse.ArgumentParser(
-        prog="python -m nvswitch_dp.testing.apiserver", description=__doc__.splitlines()[0]
+        prog="python -m testkit.apiserver", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
