@@ -45,9 +45,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from nvswitch_dp.controller import GpuSlot
 from nvswitch_dp.dra.slices import DEFAULT_DRIVER, PoolInputs, build_pool, partition_device_name
 from nvswitch_dp.fabric.platforms import platform
+from nvswitch_dp.partitions.layout import GpuSlot
 from nvswitch_dp.partitions.policy import (
     FIRST_FIT,
     KEEP_LARGEST,

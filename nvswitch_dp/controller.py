@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
@@ -34,6 +33,13 @@ import trio
 from nvswitch_dp.echo import clipped
 from nvswitch_dp.fabric.types import FabricManagerError, FmReturn, error_for, fm_return_name
 from nvswitch_dp.metrics import Metrics
+from nvswitch_dp.partitions.layout import (
+    Allocation,
+    ContainerGrant,
+    GpuSlot,
+    NodeLayout,
+    container_grant,
+)
 from nvswitch_dp.partitions.node import (
     Activate,
     Deactivate,
@@ -51,67 +57,18 @@ from nvswitch_dp.partitions.node import (
     Succeeded,
     Unknown,
 )
+from nvswitch_dp.partitions.refusal import AllocationError, Refusal
 from nvswitch_dp.partitions.state import PartitionView, StateError, UnknownPartition
-from nvswitch_dp.partitions.table import Partition
 from nvswitch_dp.partitions.units import PARTITION_UNIT, AllocationUnit, Selection, UnitError
 from nvswitch_dp.ports import FabricManagerClient
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_PREFIX = "nvswitch-dp.io"
 # Backstop for one FM call when the backend's own timeout fails to fire.
 DEFAULT_CALL_DEADLINE_S = 60.0
 # The most device IDs one Allocate may name, all containers together. The largest node
 # has 16 GPUs: with allocation_unit gpu a resource has at most a few dozen devices.
 MAX_DEVICE_IDS_PER_REQUEST = 256
-
-
-@dataclass(frozen=True, slots=True)
-class GpuSlot:
-    """What the plugin hands out for one GPU: where it sits on PCI and in VFIO."""
-
-    module_id: int
-    pci_address: str
-    iommu_group: int
-    numa_node: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class NodeLayout:
-    """The node's fixed facts, learned at start: GPUs, resources, FM backend, unit."""
-
-    gpus: Mapping[int, GpuSlot]
-    resources: Mapping[str, int]  # resource name -> partition size
-    resource_prefix: str
-    fabric_name: str
-    unit: AllocationUnit
-
-    def resource_name(self, size: int) -> str:
-        return f"{self.resource_prefix}-{size}x"
-
-    def resource_of(self, partition: Partition) -> str:
-        return self.resource_name(partition.size)
-
-    def topology(self, partition: Partition) -> tuple[int, ...]:
-        """NUMA nodes of the partition's GPUs (empty when sysfs does not know)."""
-        nodes = {
-            self.gpus[m].numa_node
-            for m in partition.module_ids
-            if m in self.gpus and self.gpus[m].numa_node is not None
-        }
-        return tuple(sorted(n for n in nodes if n is not None))
-
-
-class AllocationError(Exception):
-    """An Allocate (or claim) the plugin refuses; the message says what blocks it.
-
-    ``kind``: ``unknown`` (no such device), ``invalid`` (a malformed request),
-    ``refused`` (the state forbids it now), ``fabric`` (FM failed or did not answer).
-    """
-
-    def __init__(self, message: str, *, kind: str = "refused") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class ChangeFeed:
@@ -149,73 +106,6 @@ class ChangeFeed:
             finally:
                 self._waiters.discard(waiter)
         return self.generation
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceNode:
-    container_path: str
-    host_path: str
-
-
-@dataclass(frozen=True, slots=True)
-class ContainerGrant:
-    """What a container receives for its partitions (mapped to the gRPC answer at the edge)."""
-
-    devices: tuple[DeviceNode, ...]
-    envs: Mapping[str, str]
-    annotations: Mapping[str, str]
-
-
-def pci_resource_env(resource_name: str) -> str:
-    """KubeVirt's variable for a resource's PCI addresses (hyphens kept)."""
-    return "PCI_RESOURCE_" + resource_name.upper().replace("/", "_").replace(".", "_")
-
-
-def container_grant(
-    layout: NodeLayout,
-    dev_root: Path,
-    resource: str,
-    partitions: Sequence[Partition],
-    module_order: Sequence[int] = (),
-) -> ContainerGrant:
-    """Devices, environment and annotations for one container's partitions (pure).
-
-    ``module_order``: the GPUs in the order their PCI addresses go out (the request's
-    order under the ``gpu`` unit); empty: each partition's modules in turn.
-    """
-    modules = tuple(module_order) or tuple(m for p in partitions for m in p.sorted_modules)
-    addresses: list[str] = []
-    groups: list[int] = []
-    for module in modules:
-        slot = layout.gpus[module]
-        addresses.append(slot.pci_address)
-        if slot.iommu_group not in groups:
-            groups.append(slot.iommu_group)
-    vfio = dev_root / "vfio"
-    devices = [DeviceNode("/dev/vfio/vfio", str(vfio / "vfio"))]
-    devices += [DeviceNode(f"/dev/vfio/{g}", str(vfio / str(g))) for g in groups]
-    ids = ",".join(str(p.partition_id) for p in partitions)
-    module_text = ",".join(":".join(str(m) for m in p.sorted_modules) for p in partitions)
-    envs = {
-        pci_resource_env(resource): ",".join(addresses),
-        "NVSWITCH_DP_PARTITION_IDS": ids,
-        "NVSWITCH_DP_PARTITION_MODULES": module_text,
-    }
-    annotations = {
-        f"{ANNOTATION_PREFIX}/partition-ids": ids,
-        f"{ANNOTATION_PREFIX}/pci-addresses": ",".join(addresses),
-    }
-    return ContainerGrant(tuple(devices), envs, annotations)
-
-
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    """An Allocate the machine accepted: its request and each container's selection."""
-
-    request_id: int
-    resource: str
-    containers: tuple[Selection, ...]
-    result: RequestResult
 
 
 class PartitionController:
@@ -325,9 +215,9 @@ class PartitionController:
         """
         size = self.layout.resources.get(resource)
         if size is None:
-            raise AllocationError(f"resource {resource} is not served here", kind="unknown")
+            raise AllocationError(f"resource {resource} is not served here", kind=Refusal.UNKNOWN)
         if not containers or not any(containers):
-            raise AllocationError("the request names no device", kind="unknown")
+            raise AllocationError("the request names no device", kind=Refusal.UNKNOWN)
         table = self.machine.table
         # Bounded before any per-device work: a 4 MB message holds 300,000 IDs, and every
         # check below must stay linear in what remains.
@@ -337,7 +227,7 @@ class PartitionController:
                 f"the request names {named} device IDs; at most "
                 f"{MAX_DEVICE_IDS_PER_REQUEST} are accepted (a node has at most a few dozen "
                 "devices per resource): send each device once",
-                kind="invalid",
+                kind=Refusal.INVALID,
             )
         selections: list[Selection] = []
         for devices in containers:
@@ -347,7 +237,7 @@ class PartitionController:
                     raise AllocationError(
                         f"device {clipped(device)} is named twice in one request; the "
                         "kubelet never does this: send each device once",
-                        kind="invalid",
+                        kind=Refusal.INVALID,
                     )
                 seen.add(device)
             try:
@@ -361,7 +251,7 @@ class PartitionController:
             raise AllocationError(
                 f"{table[exc.partition_id].device_id} is requested by two containers of one "
                 "request; a device goes to one container",
-                kind="invalid",
+                kind=Refusal.INVALID,
             ) from None
         except StateError as exc:
             raise AllocationError(
@@ -376,7 +266,7 @@ class PartitionController:
         (kind ``fabric``) when it failed; the machine has already undone it."""
         result = await self._wait(allocation.request_id)
         if result.status is RequestStatus.FAILED:
-            raise AllocationError(result.error or "allocation failed", kind="fabric")
+            raise AllocationError(result.error or "allocation failed", kind=Refusal.FABRIC)
         return Allocation(allocation.request_id, allocation.resource, allocation.containers, result)
 
     def forget(self, request_id: int) -> None:
@@ -415,7 +305,7 @@ class PartitionController:
         except StateError as exc:
             raise AllocationError(str(exc)) from None
         if result.status is RequestStatus.FAILED:
-            raise AllocationError(result.error or "activation failed", kind="fabric")
+            raise AllocationError(result.error or "activation failed", kind=Refusal.FABRIC)
         partition = self.machine.table[partition_id]
         resource = self.layout.resource_of(partition)
         return container_grant(self.layout, self.dev_root, resource, [partition])
@@ -436,7 +326,7 @@ class PartitionController:
     async def deactivate(self, partition_id: int, *, force: bool = False) -> None:
         """Deactivate; refused while held unless ``force``. Raises as :meth:`activate`."""
         if force and self.view().view(partition_id).in_use:
-            log.warning("forced deactivation of partition %d, held by a pod", partition_id)
+            # Counted here, logged (with who asked) by the operator's edge.
             self.metrics.count_operation("force_deactivate", "requested")
         await self._operator(
             "deactivate",
@@ -611,12 +501,6 @@ __all__ = [
     "Allocation",
     "AllocationError",
     "ChangeFeed",
-    "ContainerGrant",
-    "DeviceNode",
-    "GpuSlot",
-    "NodeLayout",
     "PartitionController",
     "UnknownPartition",
-    "container_grant",
-    "pci_resource_env",
 ]

@@ -1,8 +1,18 @@
-"""The seams between the daemon and the outside world, as small Protocols.
+"""The seams of the daemon, as small Protocols: every one is here.
 
-Production implementations live beside the I/O they do (``fabric/``, ``vfio/``,
-``plugin/``); fakes with real behaviour live in ``tests/fakes.py``. The core
-(``partitions/``) depends on none of these.
+Outward (the world the daemon drives): :class:`FabricManagerClient`,
+:class:`PodResourcesClient`, :class:`PciKernel`, and in DRA mode :class:`ClaimReader`,
+:class:`SliceStore`, :class:`ClaimStatusStore`, :class:`CdiSpecs`,
+:class:`PreparedClaimStore`, :class:`DeviceMetadata`. Production implementations live
+beside the I/O they do (``fabric/``, ``vfio/``, ``plugin/``, ``dra/``); the stand-ins with
+real behaviour live in ``tests/`` and ``testkit/``.
+
+Inward (what the edges may ask of the node): :class:`KubeletSide` (the device plugin's
+gRPC services and watchers), :class:`OperatorSide` (the REST API) and
+:class:`PartitionHolder` (DRA Prepare/Unprepare). The controller implements the first
+two; the edges read :class:`~nvswitch_dp.partitions.node.NodeView` pictures and call
+these methods, never the controller's machine. The core (``partitions/``) imports none
+of this module.
 """
 
 from __future__ import annotations
@@ -10,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from nvswitch_dp.dra.cdi import CdiMount
+from nvswitch_dp.dra.checkpoint import PreparedClaim
 from nvswitch_dp.fabric.types import FmReport
-
-if TYPE_CHECKING:  # the controller imports this module; a runtime import would be a cycle
-    from nvswitch_dp.controller import ContainerGrant
+from nvswitch_dp.partitions.layout import Allocation, ContainerGrant, NodeLayout
+from nvswitch_dp.partitions.node import NodeView
+from nvswitch_dp.partitions.state import PartitionView
 
 
 class FabricManagerClient(Protocol):
@@ -89,6 +101,107 @@ class PciKernel(Protocol):
         ...
 
 
+# -- what the edges ask of the node --------------------------------------------------------
+
+
+class ChangeStream(Protocol):
+    """The node's generation, followed from the asyncio side (ListAndWatch streams)."""
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def closed(self) -> bool:
+        """True once the daemon stops: every stream ends."""
+        ...
+
+    async def wait_beyond(self, generation: int) -> int:
+        """Wait (asyncio) until the generation is newer than ``generation`` or the stream
+        closes; the generation then."""
+        ...
+
+
+class NodeReader(Protocol):
+    """The node as every edge reads it: fixed facts and an immutable picture."""
+
+    @property
+    def layout(self) -> NodeLayout: ...
+
+    def view(self) -> NodeView:
+        """The node now (immutable; cached per generation)."""
+        ...
+
+    def partition_view(self, partition_id: int) -> PartitionView:
+        """One partition now. Raises :class:`~nvswitch_dp.partitions.state.UnknownPartition`."""
+        ...
+
+    async def wait_changed(self) -> None:
+        """Wait (Trio) until the node's generation moves."""
+        ...
+
+
+class KubeletSide(NodeReader, Protocol):
+    """What the device-plugin mode's gRPC services and watchers ask of the node.
+
+    Errors: :meth:`allocate` and :meth:`wait_allocation` raise
+    :class:`~nvswitch_dp.partitions.refusal.AllocationError`, whose ``kind`` the edge maps
+    to a gRPC status; the other methods do not raise.
+    """
+
+    @property
+    def feed(self) -> ChangeStream: ...
+
+    def allocate(self, resource: str, containers: Sequence[Sequence[str]]) -> Allocation:
+        """One Allocate: every container's devices taken at once, or none."""
+        ...
+
+    async def wait_allocation(self, allocation: Allocation) -> Allocation:
+        """Wait (Trio) until the allocation's FM work ends."""
+        ...
+
+    def forget(self, request_id: int) -> None:
+        """The caller is done with a request (answered, failed or cancelled)."""
+        ...
+
+    def grants(self, allocation: Allocation) -> list[ContainerGrant]:
+        """What each container of a granted allocation receives."""
+        ...
+
+    def set_registered(self, resource: str, registered: bool) -> None:
+        """Whether the kubelet has the resource registered now (readiness)."""
+        ...
+
+    def pod_resources(self, assigned: set[int] | None) -> None:
+        """One PodResources reading: partitions some container holds (None: unreadable)."""
+        ...
+
+
+class OperatorSide(NodeReader, Protocol):
+    """What the REST API's operator commands ask of the node.
+
+    Errors: :meth:`activate` and :meth:`deactivate` raise
+    :class:`~nvswitch_dp.partitions.state.StateError` (refused, the message says why) or
+    :class:`~nvswitch_dp.fabric.types.FabricManagerError`; :meth:`drain` and
+    :meth:`undrain` raise ``StateError`` for an unknown GPU.
+    """
+
+    async def activate(self, partition_id: int) -> None:
+        """Pre-warm a partition nobody holds."""
+        ...
+
+    async def deactivate(self, partition_id: int, *, force: bool = False) -> None:
+        """Deactivate; refused while held unless ``force``."""
+        ...
+
+    def drain(self, module_id: int) -> None:
+        """Take a GPU out of the pool."""
+        ...
+
+    def undrain(self, module_id: int) -> None:
+        """Put a drained GPU back into the pool."""
+        ...
+
+
 # -- DRA mode ------------------------------------------------------------------------------
 
 
@@ -132,4 +245,88 @@ class ClaimReader(Protocol):
 
     async def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
         """The ResourceClaim object as the API server returns it (a JSON dict)."""
+        ...
+
+
+class SliceStore(Protocol):
+    """The API calls the publisher makes (:class:`~nvswitch_dp.dra.kube.KubeClient`).
+
+    Failures raise :class:`~nvswitch_dp.dra.kube.KubeError` subclasses; a stale update
+    or an existing name raises :class:`~nvswitch_dp.dra.kube.SliceConflict`."""
+
+    async def list_slices(self, node_name: str, driver: str) -> list[dict[str, Any]]: ...
+
+    async def create_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def update_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def delete_slice(self, name: str) -> None: ...
+
+    async def dry_run_create_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create ``obj`` with ``dryRun=All``: validated, admitted and answered as the server
+        would store it, but not stored."""
+        ...
+
+
+class ClaimStatusStore(Protocol):
+    """The API calls (:class:`~nvswitch_dp.dra.kube.KubeClient`). ``update_claim_status``
+    raises :class:`~nvswitch_dp.dra.kube.SliceConflict` on 409 and other
+    :class:`~nvswitch_dp.dra.kube.KubeError` subclasses otherwise."""
+
+    async def get_claim(self, namespace: str, name: str) -> dict[str, Any]: ...
+
+    async def update_claim_status(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+class CdiSpecs(Protocol):
+    """The CDI spec directory (:class:`nvswitch_dp.dra.cdi.CdiDirectory`).
+
+    Both methods block on disk and are called from a worker thread; both are idempotent.
+    """
+
+    def write(
+        self, claim_uid: str, grant: ContainerGrant, *, mounts: Sequence[CdiMount] = ()
+    ) -> str:
+        """Write the claim's spec (with ``mounts`` as read-only bind mounts); return its
+        qualified CDI device ID. Raises OSError."""
+        ...
+
+    def remove(self, claim_uid: str) -> None:
+        """Delete the claim's spec (already gone: fine). Raises OSError."""
+        ...
+
+
+class PreparedClaimStore(Protocol):
+    """The on-node checkpoint of prepared claims (:class:`~nvswitch_dp.dra.checkpoint.Checkpoint`).
+
+    Both methods block on disk and are called from a worker thread.
+    """
+
+    def load(self) -> Mapping[str, PreparedClaim]:
+        """Claim uid -> entry; an absent checkpoint is empty. Raises on a corrupt one."""
+        ...
+
+    def save(self, claims: Mapping[str, PreparedClaim]) -> None:
+        """Replace the checkpoint atomically with ``claims``. Raises OSError."""
+        ...
+
+
+class DeviceMetadata(Protocol):
+    """KEP-5304 device metadata files (:class:`nvswitch_dp.dra.metadata.DeviceMetadataFiles`).
+
+    The methods block on disk and are called from a worker thread; all are idempotent.
+    """
+
+    def write(
+        self, claim: Mapping[str, Any], devices: Sequence[tuple[str, str]]
+    ) -> Sequence[CdiMount]:
+        """Write the files of ``claim`` for ``(request, device)`` pairs; their mounts."""
+        ...
+
+    def mounts(self, claim_uid: str) -> Sequence[CdiMount]:
+        """The mounts of the files already written for the claim."""
+        ...
+
+    def remove(self, claim_uid: str) -> None:
+        """Remove the claim's files (none: fine)."""
         ...

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from nvswitch_dp.controller import GpuSlot
 from nvswitch_dp.dra.slices import DEFAULT_DRIVER, PoolInputs
 from nvswitch_dp.fabric.platforms import platform
+from nvswitch_dp.partitions.layout import GpuSlot
 from nvswitch_dp.partitions.table import PartitionTable
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from nvswitch_dp.controller import GpuSlot, PartitionController
+from nvswitch_dp.controller import PartitionController
 from nvswitch_dp.dra.cdi import CdiDirectory
 from nvswitch_dp.dra.checkpoint import Checkpoint
 from nvswitch_dp.dra.driver import ClaimRef, DraDriver
@@ -27,6 +27,7 @@ from nvswitch_dp.dra.holder import ControllerHolder
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
 from nvswitch_dp.metrics import Metrics
+from nvswitch_dp.partitions.layout import GpuSlot
 from nvswitch_dp.partitions.node import Mode, NodeMachine
 from nvswitch_dp.partitions.table import PartitionTable
 

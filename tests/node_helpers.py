@@ -9,10 +9,11 @@ from pathlib import Path
 
 import trio
 
-from nvswitch_dp.controller import GpuSlot, PartitionController
+from nvswitch_dp.controller import PartitionController
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore, inject_fault
 from nvswitch_dp.metrics import Metrics
+from nvswitch_dp.partitions.layout import GpuSlot
 from nvswitch_dp.partitions.node import NodeMachine
 from nvswitch_dp.partitions.table import PartitionTable
 from nvswitch_dp.partitions.units import PARTITION_UNIT, AllocationUnit

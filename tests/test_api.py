@@ -22,7 +22,8 @@ from nvswitch_dp.api.problems import PROBLEM_TYPES, TYPE_BASE
 from nvswitch_dp.cli import simulated
 from nvswitch_dp.config import Config, with_overrides
 from nvswitch_dp.controller import PartitionController
-from nvswitch_dp.daemon import build_fabric_client, discover_node
+from nvswitch_dp.core import discover_node
+from nvswitch_dp.fabric.client import build_fabric_client
 from nvswitch_dp.fabric.simulator import SimulatorStore, inject_fault
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.node import NodeMachine
@@ -88,7 +89,7 @@ async def make_api(
         metrics=Metrics(),
     )
     await nursery.start(controller.run_effects)
-    app = create_app(controller, config, **app_options)
+    app = create_app(controller, controller.metrics, config, **app_options)
     return Api(app, app.test_client(), controller, config, token_file)
 
 
@@ -448,7 +449,7 @@ def test_openapi_states_the_body_limits_the_code_applies() -> None:
 
 async def test_every_served_route_is_in_openapi(api: Api, tmp_path: Path) -> None:
     spec = yaml.safe_load(OPENAPI.read_text())
-    app = create_app(api.controller, api.config)
+    app = create_app(api.controller, api.controller.metrics, api.config)
     served = set()
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":

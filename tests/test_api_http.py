@@ -27,7 +27,7 @@ from test_api import TOKEN, make_api
 
 from nvswitch_dp.api.server import ConnectionGate, serve_api
 from nvswitch_dp.config import ApiConfig
-from nvswitch_dp.daemon import api_config
+from nvswitch_dp.core import api_config
 
 HANG = 1.0  # seconds: far above a loopback answer, far below a test timeout
 AUTH = f"Authorization: Bearer {TOKEN}\r\n"

@@ -21,7 +21,7 @@ from test_api import make_api
 
 from nvswitch_dp.api.server import ConnectionGate, _accept_loop, serve_api
 from nvswitch_dp.config import ApiConfig
-from nvswitch_dp.daemon import api_config
+from nvswitch_dp.core import api_config
 from nvswitch_dp.echo import clipped
 from nvswitch_dp.limits import (
     FD_RESERVE,
@@ -226,7 +226,9 @@ async def test_a_plugin_socket_out_of_descriptors_is_retried_not_fatal(
             with contextlib.suppress(OSError):
                 while True:
                     fillers.append(os.open(os.devnull, os.O_RDONLY))
-            nursery.start_soon(serve_resource, api.controller, name, plugin_dir)
+            nursery.start_soon(
+                serve_resource, api.controller, name, plugin_dir, api.controller.metrics
+            )
             await trio.sleep(0.5)
             assert not (plugin_dir / socket_name(name)).exists()
         finally:

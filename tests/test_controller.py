@@ -19,6 +19,7 @@ from nvswitch_dp.controller import AllocationError, PartitionController
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
 from nvswitch_dp.fabric.types import FmUninitialized
+from nvswitch_dp.partitions.refusal import Refusal
 from nvswitch_dp.partitions.state import PartitionBlocked, PartitionInUse, Phase, State
 
 
@@ -60,7 +61,7 @@ async def test_an_fm_failure_rolls_back_every_partition_of_the_request(
         inject(store, nvlink_error_partitions={8}, activation_delay_s=1.0)
         with pytest.raises(AllocationError) as raised:
             await allocate(controller, f"{R}-1x", "partition-7", "partition-8")
-        assert raised.value.kind == "fabric"
+        assert raised.value.kind is Refusal.FABRIC
         assert "NVLINK_ERROR" in str(raised.value)
         await controller.settle()
         assert fm_active(store) == []  # 7 was activated for this request, then let go
@@ -145,7 +146,7 @@ async def test_finding_4_a_device_named_twice_is_refused_and_changes_nothing(
         before = controller.view()
         with pytest.raises(AllocationError, match="partition-3") as raised:
             controller.allocate(f"{R}-2x", containers)
-        assert raised.value.kind == "invalid"
+        assert raised.value.kind is Refusal.INVALID
         assert controller.view() is before  # not even the generation moved
         assert fm_active(store) == []
 

@@ -71,20 +71,15 @@ from nvswitch_dp.api.schemas import readiness_problems
 from nvswitch_dp.cli import simulated
 from nvswitch_dp.config import Config, with_overrides
 from nvswitch_dp.controller import PartitionController
-from nvswitch_dp.daemon import (
-    FM_RESUME_PATIENCE_S,
-    FM_START_BACKOFF_MAX_S,
-    STREAM_DRAIN_S,
-    ShutdownError,
-    release_check_interval,
-    run_daemon,
-)
+from nvswitch_dp.core import FM_RESUME_PATIENCE_S, FM_START_BACKOFF_MAX_S
+from nvswitch_dp.daemon import STREAM_DRAIN_S, ShutdownError, run_daemon
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import RESTART_WINDOW_S, SimulatorStore, inject_fault
 from nvswitch_dp.partitions.node import TROUBLE_SUPERVISION_S, FabricStatus
 from nvswitch_dp.partitions.state import PartitionInUse, Phase, State
 from nvswitch_dp.plugin.grpc_trio import CLOSE_GRACE_S
 from nvswitch_dp.plugin.lifecycle import POLL_S, socket_name
+from nvswitch_dp.plugin.pod_resources import release_check_interval
 from nvswitch_dp.vfio.simulate import (
     SimulatedNode,
     add_foreign_function,
@@ -179,7 +174,7 @@ class Node:
     async def readyz(self) -> tuple[int, Any]:
         """``GET /readyz`` from the REST app on this daemon's controller (Quart's test
         client: the daemon's own listener has an ephemeral port it does not report)."""
-        client = create_app(self.controller, self.config).test_client()
+        client = create_app(self.controller, self.controller.metrics, self.config).test_client()
         response = await client.get("/readyz")
         return response.status_code, await response.get_json()
 

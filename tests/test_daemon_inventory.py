@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nvswitch_dp.config import Config, with_overrides
-from nvswitch_dp.daemon import StartError, discover_node
+from nvswitch_dp.core import StartError, discover_node
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.types import FmGpu, FmPartition, FmReport
 from nvswitch_dp.vfio.identity import SOURCE_NVML

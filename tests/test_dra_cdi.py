@@ -19,7 +19,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nvswitch_dp.controller import ContainerGrant, DeviceNode
 from nvswitch_dp.dra.cdi import (
     CDI_VERSION,
     KIND,
@@ -31,6 +30,7 @@ from nvswitch_dp.dra.cdi import (
     spec_file_name,
 )
 from nvswitch_dp.dra.uid import InvalidClaimUid, is_claim_uid, validate_claim_uid
+from nvswitch_dp.partitions.layout import ContainerGrant, DeviceNode
 
 UID = "3f2a9c1e-0b7d-4c55-9e21-6a8f0d4b7c10"
 UID2 = "0c1d2e3f-4a5b-4c6d-8e7f-901234567890"  # starts with a digit: needs CDI >= 0.5.0

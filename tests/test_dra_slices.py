@@ -15,7 +15,6 @@ from dra_helpers import inputs_for, table_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvswitch_dp.controller import GpuSlot
 from nvswitch_dp.dra.slices import (
     DEFAULT_DRIVER,
     PCI_BUS_ID,
@@ -27,6 +26,7 @@ from nvswitch_dp.dra.slices import (
 )
 from nvswitch_dp.dra.validation import check_pool, check_slice, is_dns_subdomain
 from nvswitch_dp.fabric.platforms import platform
+from nvswitch_dp.partitions.layout import GpuSlot
 from nvswitch_dp.partitions.table import PartitionTable
 from testkit.dra_allocator import Allocator, gpu_claim, partition_claim
 

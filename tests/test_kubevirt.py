@@ -18,6 +18,7 @@ from test_lifecycle import Node as LifecycleNode
 from nvswitch_dp.controller import AllocationError
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.partitions.policy import preferred_allocation
+from nvswitch_dp.partitions.refusal import Refusal
 from nvswitch_dp.partitions.state import PartitionBook
 from nvswitch_dp.partitions.table import (
     DeviceRef,
@@ -172,7 +173,7 @@ def test_gpu_unit_refuses_anything_but_whole_partitions(
 ) -> None:
     with pytest.raises(UnitError) as raised:
         GPU_UNIT.select(TABLE, size, f"{R}-{size}x", devices)
-    assert raised.value.kind == kind
+    assert raised.value.kind is Refusal(kind)
     for word in words:
         assert word in str(raised.value)
 
@@ -180,7 +181,7 @@ def test_gpu_unit_refuses_anything_but_whole_partitions(
 def test_partition_unit_refuses_gpu_ids() -> None:
     with pytest.raises(UnitError, match=r"names one GPU, but .* counts whole partitions") as raised:
         PARTITION_UNIT.select(TABLE, 4, f"{R}-4x", ["partition-1-gpu-1"])
-    assert raised.value.kind == "unknown"
+    assert raised.value.kind is Refusal.UNKNOWN
 
 
 # -- GetPreferredAllocation -----------------------------------------------------------------
@@ -274,10 +275,10 @@ async def test_controller_refuses_a_partial_partition_and_claims_nothing(tmp_pat
     async with running_controller(tmp_path, unit=GPU_UNIT) as (controller, _):
         with pytest.raises(AllocationError, match="partition 1 lacks partition-1-gpu-4") as raised:
             controller.allocate(f"{R}-4x", [gpus(1)[:3]])
-        assert raised.value.kind == "refused"
+        assert raised.value.kind is Refusal.REFUSED
         with pytest.raises(AllocationError) as unknown:
             controller.allocate(f"{R}-4x", [["partition-1"]])
-        assert unknown.value.kind == "unknown"
+        assert unknown.value.kind is Refusal.UNKNOWN
         assert controller.machine.held_partitions() == frozenset()
 
 

@@ -16,10 +16,11 @@ import trio.testing
 from node_helpers import R, allocate, inject, ops, running_controller
 
 from nvswitch_dp.controller import AllocationError, PartitionController
-from nvswitch_dp.daemon import FM_RESUME_PATIENCE_S, first_report, partitions_held
+from nvswitch_dp.core import FM_RESUME_PATIENCE_S, first_report
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore, inject_fault
 from nvswitch_dp.partitions.node import FAILURE_HOLD_S
 from nvswitch_dp.partitions.state import Phase, State
+from nvswitch_dp.plugin.pod_resources import partitions_held
 from nvswitch_dp.ports import PodDevices
 from testkit.harness import DaemonProcess
 from testkit.kubelet import KubeletStandIn

@@ -1,14 +1,14 @@
 """The REST control API: inventory, manual activation, maintenance, health, metrics.
 
-Ownership: the app borrows the daemon's :class:`PartitionController`; it reads the partition
-book only through it and changes it only through the controller's operator methods
+Ownership: the app borrows the node's :class:`~nvswitch_dp.ports.OperatorSide`; it reads
+the node only through its views and changes it only through its operator methods
 (``activate``, ``deactivate``, ``drain``, ``undrain``), the same core the kubelet path uses.
 ``openapi.yaml`` is the contract: every route here is in it, and schemathesis checks the
 running daemon against it.
 
-Errors: every error answer is an RFC 9457 problem (:mod:`api.problems`), including 404 for
-unknown routes, 405, and 500 for anything unexpected (logged with its traceback). Auth is
-:mod:`api.auth`.
+Errors: every error answer is an RFC 9457 problem (:mod:`nvswitch_dp.api.problems`),
+including 404 for unknown routes, 405, and 500 for anything unexpected (logged with its
+traceback). Auth is :mod:`nvswitch_dp.api.auth`.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ from nvswitch_dp.api.schemas import (
     readiness_problems,
 )
 from nvswitch_dp.config import ApiConfig, Config
-from nvswitch_dp.controller import PartitionController
 from nvswitch_dp.fabric.types import FabricManagerError
+from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.state import State, StateError
+from nvswitch_dp.ports import OperatorSide
 from nvswitch_dp.vfio.discovery import read_function
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "create_app", "node_facts", "readiness_problems"]
@@ -97,7 +98,7 @@ class Pacer:
 
 
 def node_facts(config: Config | None, addresses: Iterable[str] = ()) -> NodeFacts:
-    """What the app reports about the node besides the controller, from ``config`` and
+    """What the app reports about the node beyond its views, from ``config`` and
     the PCI ``addresses`` of the GPUs served (the first known model names the node's)."""
     if config is None:
         return NodeFacts()
@@ -191,8 +192,223 @@ async def _deactivate_body() -> bool:
     return force
 
 
+class _Routes:
+    """The handlers of one app, bound to the node they serve (see :func:`create_app`).
+
+    Every handler authorizes first; a read answers from one view of the node, a mutation
+    calls one operator method and answers with the view after it. Errors are raised as
+    :class:`Problem` (or the node's ``StateError``/``FabricManagerError``), which the
+    app's error handlers render.
+    """
+
+    def __init__(
+        self,
+        node: OperatorSide,
+        metrics: Metrics,
+        config: Config | None,
+        readiness: Callable[[], Sequence[str]] | None,
+    ) -> None:
+        self.node = node
+        self.metrics = metrics
+        self.readiness = readiness
+        api = config.api if config is not None else ApiConfig()
+        self.list_window = (
+            config.fabric_manager.list_failure_window_seconds
+            if config is not None
+            else DEFAULT_LIST_FAILURE_WINDOW_S
+        )
+        self.facts = node_facts(config, (s.pci_address for s in node.layout.gpus.values()))
+        self.auth = Authorizer(TokenSource(api.token_file), open_reads=api.open_reads)
+        # The unfiltered list is what dashboards and the benchmark poll: keep its bytes
+        # for as long as the node has not changed (its generation moves on every change).
+        self._list_generation: int | None = None
+        self._list_body = b""
+
+    # -- parameters ------------------------------------------------------------------
+
+    def authorize(self, *, mutating: bool) -> None:
+        self.auth.check(request.headers.get("Authorization"), mutating=mutating)
+
+    def partition_id(self, text: str) -> int:
+        pid = _int_param("id", text, low=0, high=10**9)
+        if pid not in self.node.view().table:
+            raise Problem(
+                "unknown-partition",
+                f"partition {pid} is not in Fabric Manager's table",
+                {"partition_id": pid},
+            )
+        return pid
+
+    def module_id(self, text: str) -> int:
+        module = _int_param("module", text, low=1, high=16)
+        if module not in self.node.view().table.module_ids:
+            raise Problem(
+                "unknown-gpu", f"GPU module {module} is in no partition", {"module": module}
+            )
+        return module
+
+    def _partition(self, partition: int) -> Response:
+        return _json(partition_json(self.node.layout, self.node.partition_view(partition)))
+
+    def _gpu(self, gpu: int) -> Response:
+        return _json(gpu_json(self.node.layout, self.node.view(), self.facts, gpu))
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def get_node(self) -> Response:
+        self.authorize(mutating=False)
+        return _json(node_json(self.node.layout, self.node.view(), self.facts))
+
+    async def list_gpus(self) -> Response:
+        self.authorize(mutating=False)
+        return _json({"gpus": gpus_json(self.node.layout, self.node.view(), self.facts)})
+
+    async def get_gpu(self, module: str) -> Response:
+        self.authorize(mutating=False)
+        return self._gpu(self.module_id(module))
+
+    async def list_partitions(self) -> Response:
+        self.authorize(mutating=False)
+        size_text, state = _single_arg("size"), _single_arg("state")
+        size = _int_param("size", size_text, low=1, high=16) if size_text is not None else None
+        if state is not None and state not in _STATES:
+            raise Problem(
+                "invalid-request",
+                f"state must be one of {', '.join(_STATES)}, got {state!r}",
+                {"parameter": "state"},
+            )
+        node = self.node.view()
+        if size is None and state is None:
+            if self._list_generation != node.generation:
+                views = list(node.partitions.values())
+                body = {"partitions": [partition_json(self.node.layout, v) for v in views]}
+                self._list_generation, self._list_body = node.generation, json.dumps(body).encode()
+            return Response(self._list_body, content_type=JSON_CONTENT_TYPE)
+        views = [
+            v
+            for v in node.partitions.values()
+            if (size is None or v.partition.size == size)
+            and (state is None or v.state.value == state)
+        ]
+        return _json({"partitions": [partition_json(self.node.layout, v) for v in views]})
+
+    async def get_partition(self, pid: str) -> Response:
+        self.authorize(mutating=False)
+        return self._partition(self.partition_id(pid))
+
+    # -- mutations -------------------------------------------------------------------
+
+    async def activate(self, pid: str) -> Response:
+        self.authorize(mutating=True)
+        partition = self.partition_id(pid)
+        await self.node.activate(partition)
+        log.info("partition %d activated through the API by %s", partition, request.remote_addr)
+        return self._partition(partition)
+
+    async def deactivate(self, pid: str) -> Response:
+        self.authorize(mutating=True)
+        partition = self.partition_id(pid)
+        force = await _deactivate_body()
+        if force and self.node.view().in_use(partition):
+            log.warning(
+                "forced deactivation of partition %d (held by a pod or claim) requested by %s",
+                partition,
+                request.remote_addr,
+            )
+        await self.node.deactivate(partition, force=force)
+        log.info("partition %d deactivated through the API by %s", partition, request.remote_addr)
+        return self._partition(partition)
+
+    async def drain(self, module: str) -> Response:
+        self.authorize(mutating=True)
+        gpu = self.module_id(module)
+        self.node.drain(gpu)
+        return self._gpu(gpu)
+
+    async def undrain(self, module: str) -> Response:
+        self.authorize(mutating=True)
+        gpu = self.module_id(module)
+        self.node.undrain(gpu)
+        return self._gpu(gpu)
+
+    # -- probes and metrics: always open --------------------------------------------
+
+    async def healthz(self) -> Response:
+        # Living Trio tasks: flat over the daemon's life, so a leak shows (kubelet restarts).
+        tasks = trio.lowlevel.current_statistics().tasks_living
+        return _json({"status": "ok", "tasks": tasks})
+
+    async def readyz(self) -> Response:
+        if self.readiness is not None:
+            problems = list(self.readiness())
+        else:
+            problems = readiness_problems(
+                self.node.view(), now=trio.current_time(), list_window=self.list_window
+            )
+        return _json({"ready": not problems, "problems": problems}, 503 if problems else 200)
+
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.exposition(), content_type=PROMETHEUS_CONTENT_TYPE)
+
+    def install(self, app: QuartTrio) -> None:
+        """Register every route on ``app`` (openapi.yaml lists the same ones)."""
+        get, post = ["GET"], ["POST"]
+        for rule, handler, methods in (
+            ("/v1/node", self.get_node, get),
+            ("/v1/gpus", self.list_gpus, get),
+            ("/v1/gpus/<module>", self.get_gpu, get),
+            ("/v1/partitions", self.list_partitions, get),
+            ("/v1/partitions/<pid>", self.get_partition, get),
+            ("/v1/partitions/<pid>/activate", self.activate, post),
+            ("/v1/partitions/<pid>/deactivate", self.deactivate, post),
+            ("/v1/gpus/<module>/drain", self.drain, post),
+            ("/v1/gpus/<module>/undrain", self.undrain, post),
+            ("/healthz", self.healthz, get),
+            ("/readyz", self.readyz, get),
+            ("/metrics", self.metrics_text, get),
+        ):
+            app.add_url_rule(rule, view_func=handler, methods=methods)
+
+
+async def _on_problem(problem: Problem) -> Response:
+    return _problem_response(problem)
+
+
+async def _on_state_error(exc: StateError) -> Response:
+    return _problem_response(problem_from_state_error(exc))
+
+
+async def _on_fabric_error(exc: FabricManagerError) -> Response:
+    log.warning("%s %s: %s", request.method, request.path, exc)
+    return _problem_response(problem_from_fabric_error(exc))
+
+
+async def _on_http_exception(exc: HTTPException) -> Response:
+    if isinstance(exc, MethodNotAllowed):
+        allowed = ", ".join(sorted(exc.valid_methods or ()))
+        problem = Problem(
+            "method-not-allowed",
+            f"{request.method} is not allowed on {request.path}; allowed: {allowed}",
+            headers={"Allow": allowed},
+        )
+    elif exc.code == 404:
+        problem = Problem("not-found", f"no route {request.path}; see openapi.yaml")
+    elif exc.code is not None and 400 <= exc.code < 500:
+        problem = Problem("invalid-request", exc.description or str(exc))
+    else:
+        log.error("%s %s failed: %s", request.method, request.path, exc)
+        problem = Problem("internal-error", exc.description or str(exc))
+    return _problem_response(problem)
+
+
+async def _on_unexpected(exc: Exception) -> Response:
+    log.exception("%s %s failed", request.method, request.path)
+    return _problem_response(Problem("internal-error", f"{type(exc).__name__}: {exc}"))
+
+
 def create_app(
-    controller: PartitionController,
+    node: OperatorSide,
+    metrics: Metrics,
     config: Config | None = None,
     *,
     rest_rate: float | None = REST_REQUESTS_PER_SECOND,
@@ -200,7 +416,8 @@ def create_app(
     body_timeout: float = BODY_TIMEOUT,
     readiness: Callable[[], Sequence[str]] | None = None,
 ) -> QuartTrio:
-    """The ASGI app serving ``controller``'s node, configured by ``config.api``.
+    """The ASGI app serving ``node``, configured by ``config.api``; ``/metrics`` renders
+    ``metrics``.
 
     ``/readyz`` answers :func:`readiness_problems` of the node (every device-plugin
     resource registered, FM reachable) unless ``readiness`` is given: then its problems,
@@ -210,49 +427,20 @@ def create_app(
     every mutation is refused with ``403 mutations-disabled``. ``/v1`` requests are paced
     to ``rest_rate`` per second (None: unpaced); see :data:`REST_REQUESTS_PER_SECOND`.
 
-    The app's ASGI entry is wrapped in :class:`api.asgi.WholeExchanges`: every body is
-    read whole (``max_body`` bytes within ``body_timeout`` seconds, else 413/408) before a
-    route runs, and the end of every answer is shielded, so a keep-alive connection is
-    always recycled or closed (see :mod:`api.asgi` for why). Serve the returned app as is
-    (``api.server.serve_api(create_app(...), ...)``, or ``hypercorn.trio.serve``);
-    Quart's ``test_client()`` goes through the same wrapper.
+    The app's ASGI entry is wrapped in :class:`~nvswitch_dp.api.asgi.WholeExchanges`:
+    every body is read whole (``max_body`` bytes within ``body_timeout`` seconds, else
+    413/408) before a route runs, and the end of every answer is shielded, so a
+    keep-alive connection is always recycled or closed (see :mod:`nvswitch_dp.api.asgi`
+    for why). Serve the returned app as is
+    (``nvswitch_dp.api.server.serve_api(create_app(...), ...)``); Quart's
+    ``test_client()`` goes through the same wrapper.
     """
-    api = config.api if config is not None else ApiConfig()
-    list_window = (
-        config.fabric_manager.list_failure_window_seconds
-        if config is not None
-        else DEFAULT_LIST_FAILURE_WINDOW_S
-    )
-    facts = node_facts(config, (s.pci_address for s in controller.layout.gpus.values()))
-    auth = Authorizer(TokenSource(api.token_file), open_reads=api.open_reads)
     app = QuartTrio("nvswitch_dp")
     app.config["MAX_CONTENT_LENGTH"] = max_body
     # Quart's documented place for ASGI middleware: the app stays a QuartTrio.
     app.asgi_app = WholeExchanges(  # type: ignore[method-assign]
         app.asgi_app, max_body=max_body, body_timeout=body_timeout
     )
-    # The unfiltered list is what dashboards and the benchmark poll: keep its bytes for
-    # as long as the book has not changed (the book bumps its generation on every change).
-    list_cache: dict[str, Any] = {"generation": None, "body": b""}
-
-    def partition_id(text: str) -> int:
-        pid = _int_param("id", text, low=0, high=10**9)
-        if pid not in controller.view().table:
-            raise Problem(
-                "unknown-partition",
-                f"partition {pid} is not in Fabric Manager's table",
-                {"partition_id": pid},
-            )
-        return pid
-
-    def module_id(text: str) -> int:
-        module = _int_param("module", text, low=1, high=16)
-        if module not in controller.view().table.module_ids:
-            raise Problem(
-                "unknown-gpu", f"GPU module {module} is in no partition", {"module": module}
-            )
-        return module
-
     pacer = Pacer(rest_rate, REST_BURST) if rest_rate else None
 
     @app.before_request
@@ -260,155 +448,10 @@ def create_app(
         if pacer is not None and request.path.startswith("/v1/"):
             await pacer.wait()
 
-    def authorize(*, mutating: bool) -> None:
-        auth.check(request.headers.get("Authorization"), mutating=mutating)
-
-    @app.errorhandler(Problem)
-    async def on_problem(problem: Problem) -> Response:
-        return _problem_response(problem)
-
-    @app.errorhandler(StateError)
-    async def on_state_error(exc: StateError) -> Response:
-        return _problem_response(problem_from_state_error(exc))
-
-    @app.errorhandler(FabricManagerError)
-    async def on_fabric_error(exc: FabricManagerError) -> Response:
-        log.warning("%s %s: %s", request.method, request.path, exc)
-        return _problem_response(problem_from_fabric_error(exc))
-
-    @app.errorhandler(HTTPException)
-    async def on_http_exception(exc: HTTPException) -> Response:
-        if isinstance(exc, MethodNotAllowed):
-            allowed = ", ".join(sorted(exc.valid_methods or ()))
-            problem = Problem(
-                "method-not-allowed",
-                f"{request.method} is not allowed on {request.path}; allowed: {allowed}",
-                headers={"Allow": allowed},
-            )
-        elif exc.code == 404:
-            problem = Problem("not-found", f"no route {request.path}; see openapi.yaml")
-        elif exc.code is not None and 400 <= exc.code < 500:
-            problem = Problem("invalid-request", exc.description or str(exc))
-        else:
-            log.error("%s %s failed: %s", request.method, request.path, exc)
-            problem = Problem("internal-error", exc.description or str(exc))
-        return _problem_response(problem)
-
-    @app.errorhandler(Exception)
-    async def on_unexpected(exc: Exception) -> Response:
-        log.exception("%s %s failed", request.method, request.path)
-        return _problem_response(Problem("internal-error", f"{type(exc).__name__}: {exc}"))
-
-    # -- reads -----------------------------------------------------------------------
-
-    @app.get("/v1/node")
-    async def get_node() -> Response:
-        authorize(mutating=False)
-        return _json(node_json(controller.layout, controller.view(), facts))
-
-    @app.get("/v1/gpus")
-    async def list_gpus() -> Response:
-        authorize(mutating=False)
-        return _json({"gpus": gpus_json(controller.layout, controller.view(), facts)})
-
-    @app.get("/v1/gpus/<module>")
-    async def get_gpu(module: str) -> Response:
-        authorize(mutating=False)
-        gpu = module_id(module)
-        return _json(gpu_json(controller.layout, controller.view(), facts, gpu))
-
-    @app.get("/v1/partitions")
-    async def list_partitions() -> Response:
-        authorize(mutating=False)
-        size_text, state = _single_arg("size"), _single_arg("state")
-        size = _int_param("size", size_text, low=1, high=16) if size_text is not None else None
-        if state is not None and state not in _STATES:
-            raise Problem(
-                "invalid-request",
-                f"state must be one of {', '.join(_STATES)}, got {state!r}",
-                {"parameter": "state"},
-            )
-        if size is None and state is None:
-            node = controller.view()
-            if list_cache["generation"] != node.generation:
-                views = list(node.partitions.values())
-                body = {"partitions": [partition_json(controller.layout, v) for v in views]}
-                list_cache.update(generation=node.generation, body=json.dumps(body).encode())
-            return Response(list_cache["body"], content_type=JSON_CONTENT_TYPE)
-        views = [
-            v
-            for v in controller.view().partitions.values()
-            if (size is None or v.partition.size == size)
-            and (state is None or v.state.value == state)
-        ]
-        return _json({"partitions": [partition_json(controller.layout, v) for v in views]})
-
-    @app.get("/v1/partitions/<pid>")
-    async def get_partition(pid: str) -> Response:
-        authorize(mutating=False)
-        return _json(
-            partition_json(controller.layout, controller.partition_view(partition_id(pid)))
-        )
-
-    # -- mutations -------------------------------------------------------------------
-
-    @app.post("/v1/partitions/<pid>/activate")
-    async def activate(pid: str) -> Response:
-        authorize(mutating=True)
-        partition = partition_id(pid)
-        await controller.activate(partition)
-        log.info("partition %d activated through the API by %s", partition, request.remote_addr)
-        return _json(partition_json(controller.layout, controller.partition_view(partition)))
-
-    @app.post("/v1/partitions/<pid>/deactivate")
-    async def deactivate(pid: str) -> Response:
-        authorize(mutating=True)
-        partition = partition_id(pid)
-        force = await _deactivate_body()
-        if force and controller.view().in_use(partition):
-            log.warning(
-                "forced deactivation of partition %d (held by a pod) requested by %s",
-                partition,
-                request.remote_addr,
-            )
-        await controller.deactivate(partition, force=force)
-        log.info("partition %d deactivated through the API by %s", partition, request.remote_addr)
-        return _json(partition_json(controller.layout, controller.partition_view(partition)))
-
-    @app.post("/v1/gpus/<module>/drain")
-    async def drain(module: str) -> Response:
-        authorize(mutating=True)
-        gpu = module_id(module)
-        controller.drain(gpu)
-        return _json(gpu_json(controller.layout, controller.view(), facts, gpu))
-
-    @app.post("/v1/gpus/<module>/undrain")
-    async def undrain(module: str) -> Response:
-        authorize(mutating=True)
-        gpu = module_id(module)
-        controller.undrain(gpu)
-        return _json(gpu_json(controller.layout, controller.view(), facts, gpu))
-
-    # -- probes and metrics: always open --------------------------------------------
-
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        # Living Trio tasks: flat over the daemon's life, so a leak shows (kubelet restarts).
-        tasks = trio.lowlevel.current_statistics().tasks_living
-        return _json({"status": "ok", "tasks": tasks})
-
-    @app.get("/readyz")
-    async def readyz() -> Response:
-        if readiness is not None:
-            problems = list(readiness())
-        else:
-            problems = readiness_problems(
-                controller.view(), now=trio.current_time(), list_window=list_window
-            )
-        return _json({"ready": not problems, "problems": problems}, 503 if problems else 200)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(controller.metrics.exposition(), content_type=PROMETHEUS_CONTENT_TYPE)
-
+    app.register_error_handler(Problem, _on_problem)
+    app.register_error_handler(StateError, _on_state_error)
+    app.register_error_handler(FabricManagerError, _on_fabric_error)
+    app.register_error_handler(HTTPException, _on_http_exception)
+    app.register_error_handler(Exception, _on_unexpected)
+    _Routes(node, metrics, config, readiness).install(app)
     return app

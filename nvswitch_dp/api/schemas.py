@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvswitch_dp.controller import NodeLayout
 from nvswitch_dp.echo import clipped
+from nvswitch_dp.partitions.layout import NodeLayout
 from nvswitch_dp.partitions.node import NodeView
 from nvswitch_dp.partitions.state import PartitionView, State
 from nvswitch_dp.vfio.discovery import read_function

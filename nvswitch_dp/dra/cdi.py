@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvswitch_dp.controller import ContainerGrant
 from nvswitch_dp.dra.uid import is_claim_uid, validate_claim_uid
 from nvswitch_dp.files import TEMP_SUFFIX, fsync_directory, write_atomically
+from nvswitch_dp.partitions.layout import ContainerGrant
 
 VENDOR = "nvswitch-dp.io"
 DEVICE_CLASS = "partition"

@@ -36,15 +36,16 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-from nvswitch_dp.controller import GpuSlot
 from nvswitch_dp.dra.checkpoint import PreparedClaim
 from nvswitch_dp.dra.errors import ClaimNotFound
 from nvswitch_dp.dra.kube import SliceConflict
+from nvswitch_dp.partitions.layout import GpuSlot
 from nvswitch_dp.partitions.node import NodeView
+from nvswitch_dp.ports import ClaimStatusStore
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +116,6 @@ def device_statuses(
         }
         for _, device in entry.devices
     ]
-
-
-class ClaimStatusStore(Protocol):
-    """The API calls (:class:`~nvswitch_dp.dra.kube.KubeClient`). ``update_claim_status``
-    raises :class:`~nvswitch_dp.dra.kube.SliceConflict` on 409 and other
-    :class:`~nvswitch_dp.dra.kube.KubeError` subclasses otherwise."""
-
-    async def get_claim(self, namespace: str, name: str) -> dict[str, Any]: ...
-
-    async def update_claim_status(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
 def _now() -> str:

@@ -37,17 +37,23 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from nvswitch_dp.controller import ContainerGrant
 from nvswitch_dp.dra.checkpoint import PreparedClaim
 from nvswitch_dp.dra.errors import ClaimNotFound, ClaimRefused, ClaimUnreadable
 from nvswitch_dp.dra.uid import is_claim_uid, validate_claim_uid
 from nvswitch_dp.echo import clipped
+from nvswitch_dp.partitions.layout import ContainerGrant
 from nvswitch_dp.partitions.table import PartitionTable
-from nvswitch_dp.ports import ClaimReader, PartitionHolder
+from nvswitch_dp.ports import (
+    CdiSpecs,
+    ClaimReader,
+    DeviceMetadata,
+    PartitionHolder,
+    PreparedClaimStore,
+)
 
 if TYPE_CHECKING:
     from nvswitch_dp.dra.cdi import CdiMount
@@ -100,60 +106,6 @@ class PrepareResult:
 
     devices: tuple[PreparedDevice, ...] = ()
     error: str = ""
-
-
-class CdiSpecs(Protocol):
-    """The CDI spec directory (:class:`nvswitch_dp.dra.cdi.CdiDirectory`).
-
-    Both methods block on disk and are called from a worker thread; both are idempotent.
-    """
-
-    def write(
-        self, claim_uid: str, grant: ContainerGrant, *, mounts: Sequence[CdiMount] = ()
-    ) -> str:
-        """Write the claim's spec (with ``mounts`` as read-only bind mounts); return its
-        qualified CDI device ID. Raises OSError."""
-        ...
-
-    def remove(self, claim_uid: str) -> None:
-        """Delete the claim's spec (already gone: fine). Raises OSError."""
-        ...
-
-
-class PreparedClaimStore(Protocol):
-    """The on-node checkpoint of prepared claims (:class:`~nvswitch_dp.dra.checkpoint.Checkpoint`).
-
-    Both methods block on disk and are called from a worker thread.
-    """
-
-    def load(self) -> Mapping[str, PreparedClaim]:
-        """Claim uid -> entry; an absent checkpoint is empty. Raises on a corrupt one."""
-        ...
-
-    def save(self, claims: Mapping[str, PreparedClaim]) -> None:
-        """Replace the checkpoint atomically with ``claims``. Raises OSError."""
-        ...
-
-
-class DeviceMetadata(Protocol):
-    """KEP-5304 device metadata files (:class:`nvswitch_dp.dra.metadata.DeviceMetadataFiles`).
-
-    The methods block on disk and are called from a worker thread; all are idempotent.
-    """
-
-    def write(
-        self, claim: Mapping[str, Any], devices: Sequence[tuple[str, str]]
-    ) -> Sequence[CdiMount]:
-        """Write the files of ``claim`` for ``(request, device)`` pairs; their mounts."""
-        ...
-
-    def mounts(self, claim_uid: str) -> Sequence[CdiMount]:
-        """The mounts of the files already written for the claim."""
-        ...
-
-    def remove(self, claim_uid: str) -> None:
-        """Remove the claim's files (none: fine)."""
-        ...
 
 
 # -- pure decisions -------------------------------------------------------------------

@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from nvswitch_dp.controller import AllocationError, ContainerGrant, PartitionController
+from nvswitch_dp.controller import AllocationError, PartitionController
 from nvswitch_dp.dra.errors import ClaimRefused
+from nvswitch_dp.partitions.layout import ContainerGrant
 from nvswitch_dp.partitions.state import StateError
 
 log = logging.getLogger(__name__)

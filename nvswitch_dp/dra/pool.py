@@ -47,8 +47,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nvswitch_dp.controller import NodeLayout
 from nvswitch_dp.dra.slices import DRAINED, FABRIC_PREFIX, OCCUPIED_PREFIX, PoolInputs
+from nvswitch_dp.partitions.layout import NodeLayout
 from nvswitch_dp.partitions.node import FabricStatus, NodeView
 from nvswitch_dp.partitions.policy import KEEP_LARGEST, Policy, gpu_order, placement_order
 from nvswitch_dp.partitions.state import Phase

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
@@ -59,6 +59,7 @@ from nvswitch_dp.dra.slices import (
     taints_dropped,
     without_generation,
 )
+from nvswitch_dp.ports import SliceStore
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +68,6 @@ BACKOFF_CAP_S = 30.0  # an outage of the API server is retried at least this oft
 RESYNC_S = 60.0
 MIN_INTERVAL_S = 0.5  # between two rounds that write: bounds the writes of a burst
 CONFLICT_RETRIES = 5
-
-
-class SliceStore(Protocol):
-    """The API calls the publisher makes (:class:`~nvswitch_dp.dra.kube.KubeClient`).
-
-    Failures raise :class:`~nvswitch_dp.dra.kube.KubeError` subclasses; a stale update
-    or an existing name raises :class:`~nvswitch_dp.dra.kube.SliceConflict`."""
-
-    async def list_slices(self, node_name: str, driver: str) -> list[dict[str, Any]]: ...
-
-    async def create_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
-
-    async def update_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
-
-    async def delete_slice(self, name: str) -> None: ...
-
-    async def dry_run_create_slice(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Create ``obj`` with ``dryRun=All``: validated, admitted and answered as the server
-        would store it, but not stored."""
-        ...
 
 
 def _generation(obj: Mapping[str, Any]) -> int:

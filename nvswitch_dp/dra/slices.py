@@ -55,7 +55,7 @@ from nvswitch_dp.dra import validation
 from nvswitch_dp.partitions.table import Partition, PartitionTable
 
 if TYPE_CHECKING:
-    from nvswitch_dp.controller import GpuSlot
+    from nvswitch_dp.partitions.layout import GpuSlot
 
 API_VERSION = "resource.k8s.io/v1"
 KIND = "ResourceSlice"

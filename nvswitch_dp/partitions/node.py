@@ -197,10 +197,7 @@ class RequestStatus(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class RequestResult:
     status: RequestStatus
-    # Why it failed, for the caller's answer; ``fabric`` when FM failed or did not answer
-    # (retry later), ``refused`` when the state forbids it now.
-    error: str | None = None
-    kind: str | None = None  # "fabric" | "refused"
+    error: str | None = None  # why it failed (FM failed or did not answer: retry later)
     code: int | None = None  # FM's return code when FM refused
 
 
@@ -213,7 +210,6 @@ class _Request:
     abandoned: bool = False  # forgotten by its caller while pending
     status: RequestStatus = RequestStatus.PENDING
     error: str | None = None
-    kind: str | None = None
     code: int | None = None
 
 
@@ -422,7 +418,7 @@ class NodeMachine:
 
     def result(self, request_id: int) -> RequestResult:
         request = self._request(request_id)
-        return RequestResult(request.status, request.error, request.kind, request.code)
+        return RequestResult(request.status, request.error, request.code)
 
     def supervision_delay(self, interval: float) -> float:
         """How long the supervisor may sleep now (N7); 0 when supervision is asked for."""
@@ -812,7 +808,7 @@ class NodeMachine:
             self.book.activation_failed(pid, keep_claim=pid in self._holds and not fresh)
             message = f"Fabric Manager could not activate partition {pid}: {outcome.message}"
         for request in waiting:
-            self._fail(request, message, "fabric", outcome.code)
+            self._fail(request, message, outcome.code)
 
     def _deactivation_outcome(self, pid: int, outcome: Outcome) -> None:
         waiting = [r for r in self._requests.values() if pid in r.waiting]
@@ -835,7 +831,7 @@ class NodeMachine:
         self._retry_after_report.add(pid)
         message = f"Fabric Manager could not deactivate partition {pid}: {outcome.message}"
         for request in waiting:
-            self._fail(request, message, "fabric", outcome.code)
+            self._fail(request, message, outcome.code)
 
     def _unsettled_fail(self, why: str) -> None:
         """No report came to settle UNKNOWN partitions: their waiters fail (N3); the
@@ -846,16 +842,15 @@ class NodeMachine:
                     self._fail(
                         request,
                         f"partition {pid}'s state in Fabric Manager is unknown: {why}; retry",
-                        "fabric",
                         None,
                     )
 
-    def _fail(self, request: _Request, message: str, kind: str, code: int | None) -> None:
+    def _fail(self, request: _Request, message: str, code: int | None) -> None:
         """N4: the request fails; what it newly took is let go."""
         if request.status is not RequestStatus.PENDING:
             return
         request.status = RequestStatus.FAILED
-        request.error, request.kind, request.code = message, kind, code
+        request.error, request.code = message, code
         request.waiting.clear()
         for pid in request.fresh:
             if pid in self._holds:
@@ -1019,7 +1014,6 @@ class NodeMachine:
                     request,
                     f"Fabric Manager did not {did} partition {pid} (its outcome was lost and "
                     "FM's report says so); retry",
-                    "fabric",
                     None,
                 )
         return granted

@@ -37,6 +37,7 @@ from typing import ClassVar, Literal, TypeVar
 
 from nvswitch_dp.echo import clipped
 from nvswitch_dp.partitions.policy import parse_device, preferred_allocation
+from nvswitch_dp.partitions.refusal import Refusal
 from nvswitch_dp.partitions.state import Availability
 from nvswitch_dp.partitions.table import (
     DeviceRef,
@@ -67,11 +68,12 @@ UNIT_NAMES: tuple[UnitName, ...] = ("partition", "gpu")
 class UnitError(ValueError):
     """An Allocate request the unit cannot map to whole partitions.
 
-    ``kind`` is ``"unknown"`` for IDs that name nothing of this resource (the kubelet
-    invented or mangled them) and ``"refused"`` for real IDs in an unusable combination.
+    ``kind`` is :attr:`Refusal.UNKNOWN` for IDs that name nothing of this resource (the
+    kubelet invented or mangled them) and :attr:`Refusal.REFUSED` for real IDs in an
+    unusable combination.
     """
 
-    def __init__(self, message: str, *, kind: Literal["unknown", "refused"]) -> None:
+    def __init__(self, message: str, *, kind: Refusal) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -134,11 +136,12 @@ class PartitionUnit(AllocationUnit):
                 raise UnitError(
                     f"device {clipped(device)} names one GPU, but {resource} counts whole "
                     "partitions (plugin.allocation_unit: partition)",
-                    kind="unknown",
+                    kind=Refusal.UNKNOWN,
                 )
             if ref.partition_id not in table or table[ref.partition_id].size != size:
                 raise UnitError(
-                    f"device {clipped(device)} is not a partition of {resource}", kind="unknown"
+                    f"device {clipped(device)} is not a partition of {resource}",
+                    kind=Refusal.UNKNOWN,
                 )
             wanted.append(ref.partition_id)
         modules = tuple(m for pid in wanted for m in table[pid].sorted_modules)
@@ -174,7 +177,7 @@ class GpuUnit(AllocationUnit):
             if pid not in table or table[pid].size != size:
                 raise UnitError(
                     f"device {clipped(device)} is not a GPU of a partition of {resource}",
-                    kind="unknown",
+                    kind=Refusal.UNKNOWN,
                 )
             partition = table[pid]
             if module is None:
@@ -182,16 +185,18 @@ class GpuUnit(AllocationUnit):
                     f"device {clipped(device)} names a whole partition, but {resource} counts GPUs "
                     f"(plugin.allocation_unit: gpu); ask for "
                     f"{', '.join(self.device_ids(partition))}",
-                    kind="unknown",
+                    kind=Refusal.UNKNOWN,
                 )
             if module not in partition.module_ids:
                 raise UnitError(
                     f"device {clipped(device)}: GPU {module} is not in partition {pid} "
                     f"of {resource}",
-                    kind="unknown",
+                    kind=Refusal.UNKNOWN,
                 )
             if module in held.get(pid, ()):
-                raise UnitError(f"device {clipped(device)} is requested twice", kind="refused")
+                raise UnitError(
+                    f"device {clipped(device)} is requested twice", kind=Refusal.REFUSED
+                )
             held.setdefault(pid, set()).add(module)
             order.append(module)
         partial = {
@@ -201,7 +206,7 @@ class GpuUnit(AllocationUnit):
         }
         if partial:
             raise UnitError(
-                self._partial_message(resource, size, len(devices), partial), kind="refused"
+                self._partial_message(resource, size, len(devices), partial), kind=Refusal.REFUSED
             )
         return Selection(tuple(held), tuple(order))
 
@@ -278,7 +283,7 @@ def _parse(device: str) -> DeviceRef:
     try:
         return parse_device_id(device)
     except (ValueError, TypeError, AttributeError) as exc:
-        raise UnitError(str(exc), kind="unknown") from None
+        raise UnitError(str(exc), kind=Refusal.UNKNOWN) from None
 
 
 def _known_gpu(device: str, table: PartitionTable) -> DeviceRef | None:

@@ -20,10 +20,11 @@ from pathlib import Path
 import trio
 from grpclib.client import Channel
 
-from nvswitch_dp.controller import PartitionController
 from nvswitch_dp.limits import CAPACITY_ERRNOS, RateLimitedLog
+from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.plugin.grpc_trio import call_aio, serving
 from nvswitch_dp.plugin.service import DevicePluginService
+from nvswitch_dp.ports import KubeletSide
 from nvswitch_dp.proto import v1beta1 as dp
 
 log = logging.getLogger(__name__)
@@ -131,9 +132,10 @@ async def _cancel_on_restart(
 
 
 async def serve_resource(
-    controller: PartitionController,
+    node: KubeletSide,
     resource: str,
     plugin_dir: Path,
+    metrics: Metrics,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -149,7 +151,7 @@ async def serve_resource(
     """
     endpoint = socket_name(resource)
     socket_path = plugin_dir / endpoint
-    service = DevicePluginService(controller, resource)
+    service = DevicePluginService(node, resource, metrics)
     started = False
     backoff = BIND_BACKOFF_MIN_S
     while True:
@@ -171,10 +173,10 @@ async def serve_resource(
                             kubelet_id,
                         )
                         await register_with_backoff(plugin_dir, resource, endpoint)
-                        controller.set_registered(resource, True)
+                        node.set_registered(resource, True)
                         log.info("registered %s with the kubelet (endpoint %s)", resource, endpoint)
                 finally:
-                    controller.set_registered(resource, False)
+                    node.set_registered(resource, False)
                 log.info("%s: %s; serving and registering again", resource, reasons[0])
         except OSError as exc:
             # Out of descriptors or memory when the socket is served again (a kubelet

@@ -9,16 +9,15 @@ device-plugin API has no Deallocate.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
 from grpclib.client import Channel
 
-from nvswitch_dp.controller import PartitionController
 from nvswitch_dp.partitions.table import partition_id_of
 from nvswitch_dp.plugin.grpc_trio import call_aio
-from nvswitch_dp.ports import PodDevices, PodResourcesClient
+from nvswitch_dp.ports import KubeletSide, PodDevices, PodResourcesClient
 from nvswitch_dp.proto import v1 as podresources
 
 log = logging.getLogger(__name__)
@@ -57,17 +56,16 @@ class GrpcPodResourcesClient:
         ]
 
 
-def assigned_partitions(resources: Iterable[str], holdings: Iterable[PodDevices]) -> set[int]:
-    """Partition IDs of our resources that some container holds.
+def assigned_partitions(ours: Callable[[str], bool], holdings: Iterable[PodDevices]) -> set[int]:
+    """Partition IDs that some container holds in a resource ``ours`` accepts.
 
     Either device form counts (``partition-3`` and ``partition-3-gpu-5`` both hold
     partition 3), whatever the configured unit: a pod admitted before the unit changed
     still holds its partition, and one GPU ID held is enough to keep it.
     """
-    ours = set(resources)
     assigned: set[int] = set()
     for holding in holdings:
-        if holding.resource_name not in ours:
+        if not ours(holding.resource_name):
             continue
         for device in holding.device_ids:
             try:
@@ -79,14 +77,30 @@ def assigned_partitions(resources: Iterable[str], holdings: Iterable[PodDevices]
     return assigned
 
 
+async def partitions_held(pods: PodResourcesClient, resource_prefix: str) -> set[int] | None:
+    """Partition IDs pods hold in any ``<resource_prefix>-<n>x`` resource, before the
+    resources are known (at start); None, logged, when PodResources cannot be read."""
+    try:
+        holdings = await pods.list_assigned()
+    except Exception as exc:  # unreadable for whatever reason: we know nothing
+        log.warning("PodResources unreadable at start (%s)", exc)
+        return None
+    return assigned_partitions(lambda name: name.startswith(resource_prefix + "-"), holdings)
+
+
+def release_check_interval(grace: float) -> float:
+    """How often to read PodResources: a few times per grace period, at most every 5 s."""
+    return min(max(grace / 3, 0.1), 5.0)
+
+
 async def watch_pod_resources(
-    controller: PartitionController,
+    node: KubeletSide,
     client: PodResourcesClient,
     interval: float,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Feed a PodResources reading to the controller every ``interval`` seconds.
+    """Feed a PodResources reading to the node every ``interval`` seconds.
 
     Error handling: a reading that fails (any error, or no answer within
     ``LIST_TIMEOUT_S``) is fed as "unreadable", and the machine releases nothing on it.
@@ -104,6 +118,6 @@ async def watch_pod_resources(
                 unreachable_logged = True
         else:
             unreachable_logged = False
-            assigned = assigned_partitions(controller.layout.resources, holdings)
-        controller.pod_resources(assigned)
+            assigned = assigned_partitions(node.layout.resources.__contains__, holdings)
+        node.pod_resources(assigned)
         await trio.sleep(interval)

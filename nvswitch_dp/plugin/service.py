@@ -5,7 +5,7 @@ Handlers run on the asyncio side (grpclib). They read the partition book synchro
 called, which keeps the hop off Allocate's path when a partition is already active.
 
 Devices: what one device stands for (a whole partition, or one GPU of it for KubeVirt)
-is the controller's :class:`~nvswitch_dp.partitions.units.AllocationUnit`; this module
+is the layout's :class:`~nvswitch_dp.partitions.units.AllocationUnit`; this module
 asks it and never branches on the unit itself.
 
 Errors: Allocate maps :class:`AllocationError` to gRPC status codes (NOT_FOUND for an
@@ -27,8 +27,11 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from trio_asyncio import trio_as_aio
 
-from nvswitch_dp.controller import AllocationError, ContainerGrant, PartitionController
+from nvswitch_dp.metrics import Metrics
+from nvswitch_dp.partitions.layout import ContainerGrant
 from nvswitch_dp.partitions.node import RequestStatus
+from nvswitch_dp.partitions.refusal import AllocationError, Refusal
+from nvswitch_dp.ports import KubeletSide
 from nvswitch_dp.proto import v1beta1 as dp
 
 log = logging.getLogger(__name__)
@@ -39,25 +42,26 @@ HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 
 _STATUS_BY_KIND = {
-    "unknown": Status.NOT_FOUND,
-    "invalid": Status.INVALID_ARGUMENT,
-    "refused": Status.FAILED_PRECONDITION,
-    "fabric": Status.UNAVAILABLE,
+    Refusal.UNKNOWN: Status.NOT_FOUND,
+    Refusal.INVALID: Status.INVALID_ARGUMENT,
+    Refusal.REFUSED: Status.FAILED_PRECONDITION,
+    Refusal.FABRIC: Status.UNAVAILABLE,
 }
 
 
 class DevicePluginService(dp.DevicePluginBase):
-    """Answers the kubelet for ``resource``; owns nothing, borrows the controller."""
+    """Answers the kubelet for ``resource``; owns nothing, borrows the node's kubelet side."""
 
-    def __init__(self, controller: PartitionController, resource: str) -> None:
-        self.controller = controller
+    def __init__(self, node: KubeletSide, resource: str, metrics: Metrics) -> None:
+        self.node = node
         self.resource = resource
-        self.size = controller.layout.resources[resource]
+        self.metrics = metrics
+        self.size = node.layout.resources[resource]
         self._streams = 0  # ListAndWatch streams open now
 
     def device_list(self) -> list[dp.Device]:
-        view = self.controller.view()
-        layout = self.controller.layout
+        view = self.node.view()
+        layout = self.node.layout
         devices = []
         for partition in view.table.of_size(self.size):
             numa = layout.topology(partition)
@@ -97,7 +101,7 @@ class DevicePluginService(dp.DevicePluginBase):
             )
         self._streams += 1
         try:
-            feed = self.controller.feed
+            feed = self.node.feed
             last: list[tuple[str, str]] | None = None
             while not feed.closed:
                 seen = feed.generation
@@ -114,10 +118,10 @@ class DevicePluginService(dp.DevicePluginBase):
         self, message: dp.PreferredAllocationRequest
     ) -> dp.PreferredAllocationResponse:
         responses = []
-        view = self.controller.view()
+        view = self.node.view()
         for request in message.container_requests:
             try:
-                chosen = self.controller.layout.unit.preferred(
+                chosen = self.node.layout.unit.preferred(
                     view,
                     request.available_deviceIDs,
                     request.must_include_deviceIDs,
@@ -136,33 +140,32 @@ class DevicePluginService(dp.DevicePluginBase):
         """All containers' devices at once (the machine undoes a failure itself).
 
         Cancellation (a client deadline, a closed channel, our shutdown) only stops the
-        wait: the FM calls belong to the controller's runner and finish on their own,
+        wait: the FM calls belong to the node's effect runner and finish on their own,
         and what the request took is released by the usual rule once no pod holds it.
         """
         started = time.perf_counter()
-        controller = self.controller
+        node = self.node
         try:
-            allocation = controller.allocate(
+            allocation = node.allocate(
                 self.resource, [list(r.devices_ids) for r in message.container_requests]
             )
             try:
                 if allocation.result.status is not RequestStatus.GRANTED:
-                    allocation = await trio_as_aio(controller.wait_allocation)(allocation)
+                    allocation = await trio_as_aio(node.wait_allocation)(allocation)
             finally:
-                controller.forget(allocation.request_id)
+                node.forget(allocation.request_id)
         except AllocationError as exc:
             log.warning("Allocate %s refused: %s", self.resource, exc)
             raise GRPCError(_STATUS_BY_KIND[exc.kind], str(exc)) from None
-        responses = [self._container_response(g) for g in controller.grants(allocation)]
-        controller.metrics.allocation_duration.labels(resource=self.resource).observe(
+        responses = [self._container_response(g) for g in node.grants(allocation)]
+        self.metrics.allocation_duration.labels(resource=self.resource).observe(
             time.perf_counter() - started
         )
+        table = node.view().table
         log.info(
             "allocated %s to a container",
             ", ".join(
-                controller.machine.table[pid].device_id
-                for s in allocation.containers
-                for pid in s.partition_ids
+                table[pid].device_id for s in allocation.containers for pid in s.partition_ids
             ),
         )
         return dp.AllocateResponse(container_responses=responses)
