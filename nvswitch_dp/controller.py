@@ -33,6 +33,17 @@ import trio
 from nvswitch_dp.echo import clipped
 from nvswitch_dp.fabric.types import FabricManagerError, FmReturn, error_for, fm_return_name
 from nvswitch_dp.metrics import Metrics
+from nvswitch_dp.partitions.effects import (
+    Activate,
+    Deactivate,
+    Effect,
+    Failed,
+    ListFabric,
+    Outcome,
+    SetActivated,
+    Succeeded,
+    Unknown,
+)
 from nvswitch_dp.partitions.layout import (
     Allocation,
     ContainerGrant,
@@ -40,26 +51,12 @@ from nvswitch_dp.partitions.layout import (
     NodeLayout,
     container_grant,
 )
-from nvswitch_dp.partitions.node import (
-    Activate,
-    Deactivate,
-    DuplicatePartition,
-    Effect,
-    Failed,
-    ListFabric,
-    Mode,
-    NodeMachine,
-    NodeView,
-    Outcome,
-    RequestResult,
-    RequestStatus,
-    SetActivated,
-    Succeeded,
-    Unknown,
-)
+from nvswitch_dp.partitions.node import NodeMachine
 from nvswitch_dp.partitions.refusal import AllocationError, Refusal
+from nvswitch_dp.partitions.requests import DuplicatePartition
 from nvswitch_dp.partitions.state import PartitionView, StateError, UnknownPartition
 from nvswitch_dp.partitions.units import PARTITION_UNIT, AllocationUnit, Selection, UnitError
+from nvswitch_dp.partitions.view import Mode, NodeView, RequestResult, RequestStatus
 from nvswitch_dp.ports import FabricManagerClient
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from nvswitch_dp.dra.cdi import CdiMount
 from nvswitch_dp.dra.checkpoint import PreparedClaim
 from nvswitch_dp.fabric.types import FmReport
 from nvswitch_dp.partitions.layout import Allocation, ContainerGrant, NodeLayout
-from nvswitch_dp.partitions.node import NodeView
 from nvswitch_dp.partitions.state import PartitionView
+from nvswitch_dp.partitions.view import NodeView
 
 
 class FabricManagerClient(Protocol):

@@ -28,8 +28,9 @@ from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.layout import GpuSlot
-from nvswitch_dp.partitions.node import Mode, NodeMachine
+from nvswitch_dp.partitions.node import NodeMachine
 from nvswitch_dp.partitions.table import PartitionTable
+from nvswitch_dp.partitions.view import Mode
 
 DRIVER = "gpu.nvswitch-dp.io"
 NODE = "node-a"

@@ -75,8 +75,9 @@ from nvswitch_dp.core import FM_RESUME_PATIENCE_S, FM_START_BACKOFF_MAX_S
 from nvswitch_dp.daemon import STREAM_DRAIN_S, ShutdownError, run_daemon
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import RESTART_WINDOW_S, SimulatorStore, inject_fault
-from nvswitch_dp.partitions.node import TROUBLE_SUPERVISION_S, FabricStatus
+from nvswitch_dp.partitions.fabric_health import TROUBLE_SUPERVISION_S
 from nvswitch_dp.partitions.state import PartitionInUse, Phase, State
+from nvswitch_dp.partitions.view import FabricStatus
 from nvswitch_dp.plugin.grpc_trio import CLOSE_GRACE_S
 from nvswitch_dp.plugin.lifecycle import POLL_S, socket_name
 from nvswitch_dp.plugin.pod_resources import release_check_interval

@@ -33,23 +33,21 @@ from hypothesis.stateful import (
 
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.types import FmGpu, FmPartition, FmReport, FmReturn
-from nvswitch_dp.partitions.node import (
+from nvswitch_dp.partitions.effects import (
     Activate,
     Deactivate,
     Effect,
     Failed,
     ListFabric,
-    Mode,
-    NodeMachine,
-    NodeView,
     Outcome,
-    RequestStatus,
     SetActivated,
     Succeeded,
     Unknown,
 )
+from nvswitch_dp.partitions.node import NodeMachine
 from nvswitch_dp.partitions.state import Phase, State, StateError
 from nvswitch_dp.partitions.table import PartitionTable
+from nvswitch_dp.partitions.view import Mode, NodeView, RequestStatus
 
 ROWS = [(pid, tuple(mods)) for pid, mods, _ in platform("hgx-h200").rows]
 TABLE = PartitionTable.from_rows(ROWS)

@@ -17,8 +17,8 @@ from typing import Any
 
 from nvswitch_dp.echo import clipped
 from nvswitch_dp.partitions.layout import NodeLayout
-from nvswitch_dp.partitions.node import NodeView
 from nvswitch_dp.partitions.state import PartitionView, State
+from nvswitch_dp.partitions.view import NodeView
 from nvswitch_dp.vfio.discovery import read_function
 
 # The default of fabric_manager.list_failure_window_seconds.

@@ -44,7 +44,7 @@ from nvswitch_dp.dra.checkpoint import PreparedClaim
 from nvswitch_dp.dra.errors import ClaimNotFound
 from nvswitch_dp.dra.kube import SliceConflict
 from nvswitch_dp.partitions.layout import GpuSlot
-from nvswitch_dp.partitions.node import NodeView
+from nvswitch_dp.partitions.view import NodeView
 from nvswitch_dp.ports import ClaimStatusStore
 
 log = logging.getLogger(__name__)

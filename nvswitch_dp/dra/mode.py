@@ -43,9 +43,10 @@ from nvswitch_dp.dra.slices import PoolInputs, build_pool
 from nvswitch_dp.fabric.platforms import PLATFORMS
 from nvswitch_dp.fabric.types import FmReport
 from nvswitch_dp.partitions.naming import resource_prefix
-from nvswitch_dp.partitions.node import Mode, NodeMachine
+from nvswitch_dp.partitions.node import NodeMachine
 from nvswitch_dp.partitions.state import OverlappingActive, StateError
 from nvswitch_dp.partitions.table import PartitionTable
+from nvswitch_dp.partitions.view import Mode
 
 log = logging.getLogger(__name__)
 

@@ -49,9 +49,9 @@ from dataclasses import dataclass
 
 from nvswitch_dp.dra.slices import DRAINED, FABRIC_PREFIX, OCCUPIED_PREFIX, PoolInputs
 from nvswitch_dp.partitions.layout import NodeLayout
-from nvswitch_dp.partitions.node import FabricStatus, NodeView
 from nvswitch_dp.partitions.policy import KEEP_LARGEST, Policy, gpu_order, placement_order
 from nvswitch_dp.partitions.state import Phase
+from nvswitch_dp.partitions.view import FabricStatus, NodeView
 
 __all__ = ["DRAINED", "PoolSource", "pool_inputs"]
 

@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nvswitch_dp.partitions.node import RequestResult
 from nvswitch_dp.partitions.table import Partition
 from nvswitch_dp.partitions.units import AllocationUnit, Selection
+from nvswitch_dp.partitions.view import RequestResult
 
 ANNOTATION_PREFIX = "nvswitch-dp.io"
 

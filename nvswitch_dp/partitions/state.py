@@ -1,6 +1,7 @@
 """Partition state: which partitions are active in FM, which are held by pods, which are sick.
 
-Rules of the state machine (everything that decides it lives in this module):
+Rules of the partition book (rules P1-P5; the node machine, ``node.py``, builds its
+rules N1-N11 on top of these):
 
 1. Each partition has a *phase* in Fabric Manager: INACTIVE -> ACTIVATING -> ACTIVE ->
    DEACTIVATING -> INACTIVE. A failed activation returns to INACTIVE, a failed
@@ -20,8 +21,8 @@ Rules of the state machine (everything that decides it lives in this module):
    (never Unhealthy merely because it overlaps another); any other partition is Healthy
    exactly when it is available.
 
-Every change bumps :attr:`PartitionBook.generation`, which the I/O edge uses to wake its
-ListAndWatch streams. Not thread-safe; the daemon owns one book and mutates it from a
+Every change bumps :attr:`PartitionBook.generation`; the node machine folds it into its
+own generation, which the edges follow. Not thread-safe; the daemon owns one book and mutates it from a
 single Trio thread.
 """
 

@@ -29,8 +29,8 @@ from trio_asyncio import trio_as_aio
 
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.layout import ContainerGrant
-from nvswitch_dp.partitions.node import RequestStatus
 from nvswitch_dp.partitions.refusal import AllocationError, Refusal
+from nvswitch_dp.partitions.view import RequestStatus
 from nvswitch_dp.ports import KubeletSide
 from nvswitch_dp.proto import v1beta1 as dp
 
