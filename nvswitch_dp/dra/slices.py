@@ -49,13 +49,12 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nvswitch_dp.dra import validation
+from nvswitch_dp.partitions.layout import GpuSlot
+from nvswitch_dp.partitions.offering import DRAINED, FABRIC_PREFIX, OCCUPIED_PREFIX
 from nvswitch_dp.partitions.table import Partition, PartitionTable
-
-if TYPE_CHECKING:
-    from nvswitch_dp.partitions.layout import GpuSlot
 
 API_VERSION = "resource.k8s.io/v1"
 KIND = "ResourceSlice"
@@ -67,9 +66,6 @@ DEVICES_PER_SLICE = validation.MAX_DEVICES_ADVANCED
 COUNTER_SETS_PER_SLICE = validation.MAX_COUNTER_SETS
 TAINT_EFFECT = "NoSchedule"
 MAX_TAINTS_PER_DEVICE = 16
-DRAINED = "drained by an operator"
-FABRIC_PREFIX = "Fabric Manager is "
-OCCUPIED_PREFIX = "shares a GPU with partition "
 COUNTERS_SLICE_SUFFIX = "counters"
 DEVICES_SLICE_SUFFIX = "devices"
 _HASH_LENGTH = 10

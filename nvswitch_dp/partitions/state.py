@@ -22,8 +22,8 @@ rules N1-N11 on top of these):
    exactly when it is available.
 
 Every change bumps :attr:`PartitionBook.generation`; the node machine folds it into its
-own generation, which the edges follow. Not thread-safe; the daemon owns one book and mutates it from a
-single Trio thread.
+own generation, which the edges follow. Not thread-safe; the daemon owns one book and
+mutates it from a single Trio thread.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from trio_asyncio import trio_as_aio
 
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.layout import ContainerGrant
+from nvswitch_dp.partitions.offering import kubelet_offer
 from nvswitch_dp.partitions.refusal import AllocationError, Refusal
 from nvswitch_dp.partitions.view import RequestStatus
 from nvswitch_dp.ports import KubeletSide
@@ -60,12 +61,11 @@ class DevicePluginService(dp.DevicePluginBase):
         self._streams = 0  # ListAndWatch streams open now
 
     def device_list(self) -> list[dp.Device]:
-        view = self.node.view()
         layout = self.node.layout
         devices = []
-        for partition in view.table.of_size(self.size):
+        for partition, offered in kubelet_offer(self.node.view(), self.size):
             numa = layout.topology(partition)
-            health = HEALTHY if view.healthy(partition.partition_id) else UNHEALTHY
+            health = HEALTHY if offered else UNHEALTHY
             # Every device of a partition (one, or one per GPU) shares its health and NUMA.
             for device in layout.unit.device_ids(partition):
                 devices.append(
