@@ -85,8 +85,7 @@ from nvswitch_dp.partitions.node import TROUBLE_SUPERVISION_S, FabricStatus
 from nvswitch_dp.partitions.state import PartitionInUse, Phase, State
 from nvswitch_dp.plugin.grpc_trio import CLOSE_GRACE_S
 from nvswitch_dp.plugin.lifecycle import POLL_S, socket_name
-from nvswitch_dp.vfio.simulate import (
-    SimulatedNode,
+from nvswitch_dp.vfio.simulate.faults import (
     add_foreign_function,
     bind,
     remove_foreign_function,
@@ -94,6 +93,7 @@ from nvswitch_dp.vfio.simulate import (
     restore_vfio_group,
     unbind,
 )
+from nvswitch_dp.vfio.simulate.node import SimulatedNode
 
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
