@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nvswitch_dp.fabric.platforms import platform_names
-from nvswitch_dp.vfio.identity import MAX_MODULE_ID
+from nvswitch_dp.vfio.identity import is_module_id
 
 
 class Invalid(Exception):
@@ -218,12 +218,9 @@ def platform(value: Any) -> str:
 
 
 def module_id(key: Any) -> int | None:
-    """A ``module_map`` key as a module ID (1 to :data:`MAX_MODULE_ID`; YAML may give it
-    as a string of digits), else ``None``."""
-    if isinstance(key, bool):
-        return None
+    """A ``module_map`` key as a module ID
+    (:func:`~nvswitch_dp.vfio.identity.is_module_id`; YAML may give it as a string of
+    digits), else ``None``."""
     if isinstance(key, str) and key.strip().isdigit():
         key = int(key)
-    if isinstance(key, int) and 1 <= key <= MAX_MODULE_ID:
-        return key
-    return None
+    return key if is_module_id(key) else None

@@ -117,14 +117,18 @@ def _os_error(code: int, path: Path | str, detail: str) -> OSError:
     return OSError(code, f"{os.strerror(code)} ({detail})", str(path))
 
 
-def _hex_fields(text: str, limit: int) -> list[int]:
-    """``sscanf(buf, "%x %x ...")``: leading hex fields, stopping at the first that is not."""
+def _id_fields(path: Path, text: str, limit: int) -> list[int]:
+    """``new_id``/``remove_id``'s ``sscanf(buf, "%x %x ...")``: up to ``limit`` leading hex
+    fields, stopping at the first that is not; ``EINVAL`` unless vendor and device are
+    there."""
     fields: list[int] = []
     for token in text.split()[:limit]:
         try:
             fields.append(int(token, 16))
         except ValueError:
             break
+    if len(fields) < 2:
+        raise _os_error(errno.EINVAL, path, f"{text!r} is not 'vendor device' in hex")
     return fields
 
 
@@ -299,9 +303,7 @@ class SimulatedKernel:
         detach_driver(self._node, dev.address)
 
     def _new_id(self, path: Path, driver: str, value: str) -> None:
-        fields = _hex_fields(value, 7)
-        if len(fields) < 2:
-            raise _os_error(errno.EINVAL, path, f"{value!r} is not 'vendor device' in hex")
+        fields = _id_fields(path, value, 7)
         new = _PciId(*fields[:6])
         if len(fields) != 7:
             # The kernel matches a stand-in device carrying the new ID's fields.
@@ -316,9 +318,7 @@ class SimulatedKernel:
         self._driver_attach(driver)
 
     def _remove_id(self, path: Path, driver: str, value: str) -> None:
-        fields = _hex_fields(value, 6)
-        if len(fields) < 2:
-            raise _os_error(errno.EINVAL, path, f"{value!r} is not 'vendor device' in hex")
+        fields = _id_fields(path, value, 6)
         want = _PciId(*fields)
         ids = self._dynamic_ids()
         for i, have in enumerate(ids.get(driver, [])):
