@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from nvswitch_dp.config import Config, load_config
+from nvswitch_dp.config import ENV_CONFIG_PATH, Config, load_config
+from nvswitch_dp.vfio.inventory import INVENTORY_FILE
 
 DEFAULT_CONFIG = Path("/etc/nvswitch-dp/config.yaml")
+
+
+@dataclass(frozen=True, slots=True)
+class NodePaths:
+    """The node's trees and its inventory file, as the flags (else the configuration)
+    name them."""
+
+    sysfs: Path
+    dev: Path
+    proc: Path
+    inventory: Path  # <state dir>/node-inventory.json
 
 
 def add_node_arguments(parser: argparse.ArgumentParser, *, proc_help: str) -> None:
@@ -41,7 +54,18 @@ def load_node_config(args: argparse.Namespace) -> Config:
     file that cannot be read.
     """
     env = dict(os.environ)
-    path = args.config or env.get("HGX_H200_CONFIG_PATH")
+    path = args.config or env.get(ENV_CONFIG_PATH)
     if path is None and DEFAULT_CONFIG.exists():
         path = str(DEFAULT_CONFIG)
     return load_config(Path(path) if path else None, env)
+
+
+def node_paths(args: argparse.Namespace, config: Config) -> NodePaths:
+    """Where the node's trees and inventory are: each flag of :func:`add_node_arguments`
+    given, else the configuration's value (``--proc-root`` has its own default)."""
+    return NodePaths(
+        sysfs=Path(args.sysfs_root or config.vfio.sysfs_root),
+        dev=Path(args.dev_root or config.vfio.dev_root),
+        proc=Path(args.proc_root),
+        inventory=Path(args.state_dir or config.state_dir) / INVENTORY_FILE,
+    )

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nvswitch_dp.config import ConfigError
-from nvswitch_dp.node_args import add_node_arguments, load_node_config
+from nvswitch_dp.node_args import NodePaths, add_node_arguments, load_node_config, node_paths
 from nvswitch_dp.ports import PciKernel
 from nvswitch_dp.vfio.binding import (
     BindPlan,
@@ -76,7 +76,13 @@ from nvswitch_dp.vfio.binding import (
     read_device_minor,
     read_group_states,
 )
-from nvswitch_dp.vfio.discovery import VFIO_DRIVER, PciGpu, discover_gpus, vfio_problem
+from nvswitch_dp.vfio.discovery import (
+    NVIDIA_DRIVER,
+    VFIO_DRIVER,
+    PciGpu,
+    discover_gpus,
+    vfio_problem,
+)
 from nvswitch_dp.vfio.identity import (
     MAX_SMI_OUTPUT_BYTES,
     GpuIdentity,
@@ -85,7 +91,6 @@ from nvswitch_dp.vfio.identity import (
     parse_nvidia_smi_q,
 )
 from nvswitch_dp.vfio.inventory import (
-    INVENTORY_FILE,
     InventoryConflict,
     InventoryFileError,
     NodeInventory,
@@ -96,7 +101,6 @@ from nvswitch_dp.vfio.inventory import (
 )
 from nvswitch_dp.vfio.nvml import NVML_SONAME, NvmlUnavailable, read_identities_nvml
 
-NVIDIA_DRIVER = "nvidia"
 NVIDIA_SMI_TIMEOUT_S = 120.0
 NVML_TIMEOUT_S = 120.0
 KILL_GRACE_S = 5.0
@@ -379,84 +383,114 @@ def prepare_main(argv: list[str] | None = None) -> int:
     try:
         config = load_node_config(args)
     except (ConfigError, OSError) as exc:
-        print(f"nvswitch-dp prepare-node: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    sysfs = Path(args.sysfs_root or config.vfio.sysfs_root)
-    dev = Path(args.dev_root or config.vfio.dev_root)
-    proc = Path(args.proc_root)
-    inventory_path = Path(args.state_dir or config.state_dir) / INVENTORY_FILE
+        return _configuration_error(exc)
+    paths = node_paths(args, config)
     tools = find_tools(
         Path(args.driver_root) if args.driver_root else None, args.nvml_library, args.nvidia_smi
     )
-    simulated_kernel = _kernel_for(sysfs)
+    simulated_kernel = _kernel_for(paths.sysfs)
     if simulated_kernel is not None:
         tools = dataclasses.replace(tools, use_nvml=False)
     say = _Say()
     try:
-        gpus = discover_gpus(sysfs, dev, config.vfio.gpu_device_ids)
+        gpus = discover_gpus(paths.sysfs, paths.dev, config.vfio.gpu_device_ids)
     except ValueError as exc:
-        print(f"nvswitch-dp prepare-node: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _configuration_error(exc)
     if not gpus:
         ids = ", ".join(sorted(config.vfio.gpu_device_ids))
-        say.fail(f"no PCI device with a configured GPU ID ({ids}) under {sysfs}")
+        say.fail(f"no PCI device with a configured GPU ID ({ids}) under {paths.sysfs}")
         return EXIT_PROBLEM
-    on_nvidia = [g for g in gpus if g.driver == NVIDIA_DRIVER]
-    models = ", ".join(sorted({f"{g.key} {g.name}" for g in gpus}))
-    say(
-        f"{len(gpus)} GPU(s) ({models}): {len(on_nvidia)} on {NVIDIA_DRIVER}, "
-        f"{sum(g.driver == VFIO_DRIVER for g in gpus)} on {VFIO_DRIVER}"
-    )
-    try:
-        old = load_inventory(inventory_path)
-    except (InventoryFileError, OSError) as exc:
-        if len(on_nvidia) < len(gpus):
-            say.fail(str(exc))
-            return EXIT_PROBLEM
-        # Every GPU is on nvidia: the driver can tell every module again, so nothing the
-        # damaged file held is lost by writing it anew.
-        say.warn(f"{exc}; every GPU is on {NVIDIA_DRIVER}, so it is written anew")
-        old = None
-    discovered = _discover(on_nvidia, old, tools, say)
-    if discovered is None:
+    _say_found(gpus, say)
+    known = _read_inventory(gpus, paths.inventory, tools, say)
+    if known is None:
         return EXIT_PROBLEM
-    inventory, minors = discovered
+    old, inventory, minors = known
     present = {g.address: g.key for g in gpus}
-    resolution = resolve_module_map(config.module_map, inventory, present)
-    for line in resolution.problems:
+    for line in resolve_module_map(config.module_map, inventory, present).problems:
         say.warn(line)
     if args.print_module_map:
-        if inventory.gpus:
-            known = inventory.module_map()
-            source = f"the node inventory {inventory_path}, as the NVIDIA driver reported them"
-        else:
-            known, source = dict(config.module_map), "the configuration (no node inventory)"
-        sys.stdout.write(module_map_yaml(known, source))
+        sys.stdout.write(_module_map_block(inventory, config.module_map, paths.inventory))
         return EXIT_PROBLEM if say.problems else EXIT_OK
-    if inventory != old:
-        if args.dry_run:
-            say(f"would write {inventory_path}")
-        else:
-            try:
-                save_inventory(inventory_path, inventory)
-            except OSError as exc:
-                say.fail(f"cannot write {inventory_path}: {exc}")
-                return EXIT_PROBLEM
-            say(f"wrote {inventory_path} ({len(inventory.gpus)} GPU(s))")
-    else:
-        say(f"{inventory_path}: unchanged ({len(inventory.gpus)} GPU(s))")
+    if not _record_inventory(old, inventory, paths.inventory, dry_run=args.dry_run, say=say):
+        return EXIT_PROBLEM
     if args.bind_vfio:
         kernel = simulated_kernel or SysfsKernel()
-        refused = _bind(gpus, sysfs, dev, proc, kernel, minors, dry_run=args.dry_run, say=say)
+        refused = _bind(gpus, paths, kernel, minors, dry_run=args.dry_run, say=say)
         if refused and args.allow_refused and len(say.problems) == len(refused):
             say(
                 f"--allow-refused: {len(refused)} GPU(s) left where they are "
                 f"({', '.join(refused)}); the daemon reports them unusable and serves the rest"
             )
             return EXIT_OK
-    if say.problems:
-        return EXIT_PROBLEM
-    return EXIT_OK
+    return EXIT_PROBLEM if say.problems else EXIT_OK
+
+
+def _configuration_error(exc: Exception) -> int:
+    print(f"nvswitch-dp prepare-node: configuration error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _say_found(gpus: Sequence[PciGpu], say: _Say) -> None:
+    """One line: how many GPUs of which models, and how many on each driver."""
+    on_nvidia = sum(g.driver == NVIDIA_DRIVER for g in gpus)
+    models = ", ".join(sorted({f"{g.key} {g.name}" for g in gpus}))
+    say(
+        f"{len(gpus)} GPU(s) ({models}): {on_nvidia} on {NVIDIA_DRIVER}, "
+        f"{sum(g.driver == VFIO_DRIVER for g in gpus)} on {VFIO_DRIVER}"
+    )
+
+
+def _read_inventory(
+    gpus: Sequence[PciGpu], path: Path, tools: Tools, say: _Say
+) -> tuple[NodeInventory | None, NodeInventory, dict[str, int]] | None:
+    """The inventory on disk (``None``: none, or a damaged one every GPU can rebuild), the
+    inventory with what the driver reports now merged in, and the reported device minors
+    (:func:`_discover`); ``None`` after a failure (said)."""
+    on_nvidia = [g for g in gpus if g.driver == NVIDIA_DRIVER]
+    try:
+        old = load_inventory(path)
+    except (InventoryFileError, OSError) as exc:
+        if len(on_nvidia) < len(gpus):
+            say.fail(str(exc))
+            return None
+        # Every GPU is on nvidia: the driver can tell every module again, so nothing the
+        # damaged file held is lost by writing it anew.
+        say.warn(f"{exc}; every GPU is on {NVIDIA_DRIVER}, so it is written anew")
+        old = None
+    discovered = _discover(on_nvidia, old, tools, say)
+    if discovered is None:
+        return None
+    inventory, minors = discovered
+    return old, inventory, minors
+
+
+def _module_map_block(
+    inventory: NodeInventory, configured: Mapping[int, str], inventory_path: Path
+) -> str:
+    """``--print-module-map``: the inventory's module map, else the configuration's."""
+    if inventory.gpus:
+        source = f"the node inventory {inventory_path}, as the NVIDIA driver reported them"
+        return module_map_yaml(inventory.module_map(), source)
+    return module_map_yaml(configured, "the configuration (no node inventory)")
+
+
+def _record_inventory(
+    old: NodeInventory | None, inventory: NodeInventory, path: Path, *, dry_run: bool, say: _Say
+) -> bool:
+    """Write ``inventory`` to ``path`` when it differs from ``old`` (``dry_run``: say that it
+    would); ``False`` when the write failed (said)."""
+    if inventory == old:
+        say(f"{path}: unchanged ({len(inventory.gpus)} GPU(s))")
+    elif dry_run:
+        say(f"would write {path}")
+    else:
+        try:
+            save_inventory(path, inventory)
+        except OSError as exc:
+            say.fail(f"cannot write {path}: {exc}")
+            return False
+        say(f"wrote {path} ({len(inventory.gpus)} GPU(s))")
+    return True
 
 
 def _discover(
@@ -484,9 +518,7 @@ def _discover(
 
 def _bind(
     gpus: Sequence[PciGpu],
-    sysfs: Path,
-    dev: Path,
-    proc: Path,
+    paths: NodePaths,
     kernel: PciKernel,
     reported_minors: Mapping[str, int],
     *,
@@ -496,11 +528,48 @@ def _bind(
     """Plan, check and (unless ``dry_run``) make the moves; verify the GPUs after.
     Returns the GPUs the plan refused (each said as a problem).
 
+    GPUs in use are refused (:func:`_held_gpus`).
+    """
+    sysfs = paths.sysfs
+    held = _held_gpus(gpus, paths.proc, reported_minors)
+    plan: BindPlan = plan_binding(
+        sysfs, read_group_states(sysfs, gpus), missing_vfio_modules(sysfs), held
+    )
+    for refusal in plan.refusals:
+        say.fail(refusal)
+    if plan.changes_nothing:
+        say(f"nothing to bind: {plan.already} GPU(s) on {VFIO_DRIVER} already")
+    elif dry_run:
+        _say_plan(plan, say)
+        return plan.refused
+    else:
+        failure = execute_plan(plan, kernel, sysfs, say)
+        if failure is not None:
+            say.fail(failure)
+            return plan.refused
+    unusable = [
+        p
+        for g in gpus
+        if g.address not in plan.refused and (p := vfio_problem(sysfs, paths.dev, g.address))
+    ]
+    for problem in unusable:
+        say.fail(problem)
+    if not unusable and not plan.refusals:
+        say(f"every GPU is on {VFIO_DRIVER} with a viable IOMMU group")
+    return plan.refused
+
+
+def _held_gpus(
+    gpus: Sequence[PciGpu], proc: Path, reported_minors: Mapping[str, int]
+) -> dict[str, str]:
+    """GPU address -> why it counts as in use, for the GPUs on nvidia that do.
+
     Whether a GPU is in use is read from ``<proc>/*/fd`` for its ``/dev/nvidia<minor>``:
     the minor from the driver's ``/proc/driver/nvidia`` entry, else as the driver reported
-    it at discovery; a GPU whose minor is unknown counts as held (never guessed free).
-    A process that opens the GPU between this scan and the unbind is not seen: the
-    kernel's unbind then waits for it to close the device.
+    it at discovery; a GPU whose minor is unknown counts as held (never guessed free), and
+    so does one when some process's open files cannot be read. A process that opens the
+    GPU between this scan and the unbind is not seen: the kernel's unbind then waits for
+    it to close the device.
     """
     minors: dict[str, int] = {}
     held: dict[str, str] = {}
@@ -529,35 +598,16 @@ def _bind(
                     f"{proc} are unreadable (run as root with CAP_SYS_PTRACE and the host's "
                     "/proc as --proc-root)"
                 )
-    plan: BindPlan = plan_binding(
-        sysfs, read_group_states(sysfs, gpus), missing_vfio_modules(sysfs), held
-    )
-    for refusal in plan.refusals:
-        say.fail(refusal)
-    if plan.changes_nothing:
-        say(f"nothing to bind: {plan.already} GPU(s) on {VFIO_DRIVER} already")
-    elif dry_run:
-        say("would do, in this order:")
-        for module in plan.modules:
-            say(f"  modprobe {module}")
-        for move in plan.moves:
-            source = move.from_driver or "no driver"
-            say(f"  {move.address}: {source} -> {VFIO_DRIVER} ({move.reason})")
-            for write in move.writes:
-                say(f"    {write.shell()}")
-        return plan.refused
-    else:
-        failure = execute_plan(plan, kernel, sysfs, say)
-        if failure is not None:
-            say.fail(failure)
-            return plan.refused
-    unusable = [
-        p
-        for g in gpus
-        if g.address not in plan.refused and (p := vfio_problem(sysfs, dev, g.address))
-    ]
-    for problem in unusable:
-        say.fail(problem)
-    if not unusable and not plan.refusals:
-        say(f"every GPU is on {VFIO_DRIVER} with a viable IOMMU group")
-    return plan.refused
+    return held
+
+
+def _say_plan(plan: BindPlan, say: _Say) -> None:
+    """``--dry-run``: every module load and write the plan would make, in order."""
+    say("would do, in this order:")
+    for module in plan.modules:
+        say(f"  modprobe {module}")
+    for move in plan.moves:
+        source = move.from_driver or "no driver"
+        say(f"  {move.address}: {source} -> {VFIO_DRIVER} ({move.reason})")
+        for write in move.writes:
+            say(f"    {write.shell()}")

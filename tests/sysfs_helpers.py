@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from nvswitch_dp.vfio.simulate import SimulatedNode
+from nvswitch_dp.vfio.simulate.node import SimulatedNode
 
 # The type of the ``fake_sysfs`` fixture (conftest.py): (platform name, *, name) -> node.
 FakeSysfs = Callable[..., SimulatedNode]

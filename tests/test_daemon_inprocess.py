@@ -81,8 +81,7 @@ from nvswitch_dp.partitions.view import FabricStatus
 from nvswitch_dp.plugin.grpc_trio import CLOSE_GRACE_S
 from nvswitch_dp.plugin.lifecycle import POLL_S, socket_name
 from nvswitch_dp.plugin.pod_resources import release_check_interval
-from nvswitch_dp.vfio.simulate import (
-    SimulatedNode,
+from nvswitch_dp.vfio.simulate.faults import (
     add_foreign_function,
     bind,
     remove_foreign_function,
@@ -90,6 +89,7 @@ from nvswitch_dp.vfio.simulate import (
     restore_vfio_group,
     unbind,
 )
+from nvswitch_dp.vfio.simulate.node import SimulatedNode
 
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]

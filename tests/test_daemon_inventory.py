@@ -14,7 +14,9 @@ from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.types import FmGpu, FmPartition, FmReport
 from nvswitch_dp.vfio.identity import SOURCE_NVML
 from nvswitch_dp.vfio.inventory import INVENTORY_FILE, InventoryEntry, NodeInventory, save_inventory
-from nvswitch_dp.vfio.simulate import SimulatedNode, build_simulated_node, remove_device
+from nvswitch_dp.vfio.simulate import build_simulated_node
+from nvswitch_dp.vfio.simulate.faults import remove_device
+from nvswitch_dp.vfio.simulate.node import SimulatedNode
 
 H200 = platform("hgx-h200")
 REPORT = FmReport(

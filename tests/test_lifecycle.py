@@ -18,8 +18,7 @@ import pytest
 
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import SimulatorStore
-from nvswitch_dp.vfio.simulate import (
-    SimulatedNode,
+from nvswitch_dp.vfio.simulate.faults import (
     add_foreign_function,
     bind,
     remove_foreign_function,
@@ -27,6 +26,7 @@ from nvswitch_dp.vfio.simulate import (
     restore_vfio_group,
     unbind,
 )
+from nvswitch_dp.vfio.simulate.node import SimulatedNode
 from testkit.harness import DaemonProcess
 from testkit.kubelet import KubeletStandIn, PodResourcesStandIn
 

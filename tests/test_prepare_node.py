@@ -32,13 +32,9 @@ from sysfs_helpers import REAL_ADDRESS, real_like_node
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.vfio.discovery import read_function, vfio_problem
 from nvswitch_dp.vfio.nvidia_smi_sim import install_nvidia_smi
-from nvswitch_dp.vfio.simulate import (
-    SimulatedKernel,
-    SimulatedNode,
-    add_function,
-    build_simulated_node,
-    hold_open,
-)
+from nvswitch_dp.vfio.simulate import SimulatedKernel, build_simulated_node
+from nvswitch_dp.vfio.simulate.faults import add_function, hold_open
+from nvswitch_dp.vfio.simulate.node import SimulatedNode
 from testkit.harness import DaemonProcess
 from testkit.kubelet import KubeletStandIn
 

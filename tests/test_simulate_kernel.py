@@ -27,18 +27,9 @@ from nvswitch_dp.vfio.nvidia_smi_sim import (
     install_nvidia_smi,
     run,
 )
-from nvswitch_dp.vfio.simulate import (
-    SIMULATION_MARKER,
-    SimulatedKernel,
-    SimulatedNode,
-    SimulationError,
-    bind,
-    build_simulated_node,
-    hold_open,
-    load_simulated_node,
-    release_open,
-    unbind,
-)
+from nvswitch_dp.vfio.simulate import SimulatedKernel, build_simulated_node, load_simulated_node
+from nvswitch_dp.vfio.simulate.faults import bind, hold_open, release_open, unbind
+from nvswitch_dp.vfio.simulate.node import SIMULATION_MARKER, SimulatedNode, SimulationError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "h200-sxm-passthrough"
 NOW = 1796408834.0  # any fixed time

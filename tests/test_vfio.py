@@ -9,7 +9,6 @@ import pytest
 from sysfs_helpers import FakeSysfs, write_function
 
 from nvswitch_dp.fabric.platforms import PLATFORMS, platform
-from nvswitch_dp.vfio import simulate
 from nvswitch_dp.vfio.discovery import (
     GroupMember,
     InventoryError,
@@ -26,7 +25,8 @@ from nvswitch_dp.vfio.pci_ids import (
     device_key,
     normalize_device_key,
 )
-from nvswitch_dp.vfio.simulate import SimulatedNode, SimulationError
+from nvswitch_dp.vfio.simulate import faults
+from nvswitch_dp.vfio.simulate.node import SimulatedNode, SimulationError
 
 H200 = {"10de:2335": "H200 SXM 141GB"}
 
@@ -154,7 +154,7 @@ def test_vga_class_counts_and_unbound_gpus_are_still_found(tmp_path: Path) -> No
 
 def test_driver_on_a_real_node_is_read_through_links(fake_sysfs: FakeSysfs) -> None:
     node = fake_sysfs()
-    simulate.unbind(node, node.module_map[3], to="nvidia")
+    faults.unbind(node, node.module_map[3], to="nvidia")
     gpus = {g.address: g for g in discover_gpus(node.sysfs_root, node.dev_root, H200)}
     assert gpus[node.module_map[3]].driver == "nvidia"
 
@@ -293,20 +293,20 @@ def test_healthy_node_has_no_problems(fake_sysfs: FakeSysfs) -> None:
 def test_unbinding_to_nvidia_and_back(fake_sysfs: FakeSysfs) -> None:
     node = fake_sysfs()
     address, group = node.module_map[1], node.gpu_group(1)
-    simulate.unbind(node, address, to="nvidia")
+    faults.unbind(node, address, to="nvidia")
     assert _problem(node) == f"{address}: bound to nvidia, not vfio-pci"
     # The kernel drops the group node with its last vfio-pci device.
     assert not (node.dev_root / "vfio" / str(group)).exists()
     assert not (node.sysfs_root / "bus/pci/drivers/vfio-pci" / address).exists()
     assert (node.sysfs_root / "bus/pci/drivers/nvidia" / address).is_symlink()
-    simulate.bind(node, address)
+    faults.bind(node, address)
     assert _problem(node) is None
     assert (node.dev_root / "vfio" / str(group)).exists()
 
 
 def test_unbinding_to_no_driver(fake_sysfs: FakeSysfs) -> None:
     node = fake_sysfs()
-    simulate.unbind(node, node.module_map[2])
+    faults.unbind(node, node.module_map[2])
     assert _problem(node, 2) == f"{node.module_map[2]}: bound to no driver, not vfio-pci"
     assert _problem(node, 1) is None
 
@@ -314,9 +314,9 @@ def test_unbinding_to_no_driver(fake_sysfs: FakeSysfs) -> None:
 def test_missing_group_node(fake_sysfs: FakeSysfs) -> None:
     node = fake_sysfs()
     group = node.gpu_group(4)
-    simulate.remove_vfio_group(node, group)
+    faults.remove_vfio_group(node, group)
     assert _problem(node, 4) == f"{node.module_map[4]}: /dev/vfio/{group} is missing"
-    simulate.restore_vfio_group(node, group)
+    faults.restore_vfio_group(node, group)
     assert _problem(node, 4) is None
 
 
@@ -329,20 +329,20 @@ def test_missing_container_node(fake_sysfs: FakeSysfs) -> None:
 def test_a_foreign_function_makes_the_group_not_viable(fake_sysfs: FakeSysfs) -> None:
     node = fake_sysfs()
     group = node.gpu_group(1)
-    foreign = simulate.add_foreign_function(node, group)
+    foreign = faults.add_foreign_function(node, group)
     assert foreign == node.module_map[1][:-1] + "1"  # the GPU's own slot, function 1
     assert _problem(node) == (
         f"{node.module_map[1]}: IOMMU group {group} is not viable: "
         f"{foreign} is bound to snd_hda_intel, not vfio-pci"
     )
     assert _problem(node, 2) is None
-    simulate.remove_foreign_function(node, foreign)
+    faults.remove_foreign_function(node, foreign)
     assert _problem(node) is None
 
 
 def test_a_bridge_in_the_group_is_fine(fake_sysfs: FakeSysfs) -> None:
     node = fake_sysfs()
-    bridge = simulate.add_function(
+    bridge = faults.add_function(
         node,
         node.gpu_group(1),
         vendor="1000",
@@ -352,7 +352,7 @@ def test_a_bridge_in_the_group_is_fine(fake_sysfs: FakeSysfs) -> None:
     )
     assert _problem(node) is None
     # Binding the extra function to vfio-pci too would also be fine; nvidia is not.
-    simulate.bind(node, bridge, "nvidia")
+    faults.bind(node, bridge, "nvidia")
     assert _problem(node) is None  # still a bridge
 
 
@@ -362,7 +362,7 @@ def test_a_vanished_gpu_and_its_return(fake_sysfs: FakeSysfs) -> None:
     gpu = next(
         g for g in discover_gpus(node.sysfs_root, node.dev_root, H200) if g.address == address
     )
-    simulate.remove_device(node, address)
+    faults.remove_device(node, address)
     assert vfio_problem(node.sysfs_root, node.dev_root, gpu) == (
         f"{address}: device is gone from the PCI bus"
     )
@@ -371,7 +371,7 @@ def test_a_vanished_gpu_and_its_return(fake_sysfs: FakeSysfs) -> None:
     assert len(discover_gpus(node.sysfs_root, node.dev_root, H200)) == 7
     with pytest.raises(InventoryError, match=f"module 5: no configured GPU at {address}"):
         build_inventory(node.module_map, discover_gpus(node.sysfs_root, node.dev_root, H200))
-    simulate.restore_device(node, address)
+    faults.restore_device(node, address)
     assert vfio_problem(node.sysfs_root, node.dev_root, gpu) is None
 
 
@@ -417,8 +417,8 @@ def test_b200_switches_are_not_pci_functions(fake_sysfs: FakeSysfs) -> None:
 
 def test_building_again_resets_faults(fake_sysfs: FakeSysfs) -> None:
     node = fake_sysfs()
-    simulate.unbind(node, node.module_map[1], to="nvidia")
-    simulate.add_foreign_function(node, node.gpu_group(2))
+    faults.unbind(node, node.module_map[1], to="nvidia")
+    faults.add_foreign_function(node, node.gpu_group(2))
     again = fake_sysfs()
     assert again == node
     assert _problem(again, 1) is None
@@ -428,13 +428,13 @@ def test_building_again_resets_faults(fake_sysfs: FakeSysfs) -> None:
 def test_faults_on_unknown_addresses_raise(fake_sysfs: FakeSysfs) -> None:
     node = fake_sysfs()
     with pytest.raises(SimulationError):
-        simulate.unbind(node, "0000:01:00.0")
+        faults.unbind(node, "0000:01:00.0")
     with pytest.raises(SimulationError):
-        simulate.add_foreign_function(node, 999)
+        faults.add_foreign_function(node, 999)
     with pytest.raises(SimulationError):
-        simulate.remove_vfio_group(node, 999)
+        faults.remove_vfio_group(node, 999)
     with pytest.raises(SimulationError):
-        simulate.restore_device(node, "0000:01:00.0")
+        faults.restore_device(node, "0000:01:00.0")
     with pytest.raises(SimulationError):
         node.group_of("0000:01:00.0")
 
@@ -443,7 +443,7 @@ def test_a_node_value_built_by_hand_still_drives_faults(fake_sysfs: FakeSysfs) -
     built = fake_sysfs()
     node = SimulatedNode(built.sysfs_root, built.dev_root, built.module_map)  # no functions
     assert node.gpu_group(1) == built.gpu_group(1)
-    simulate.unbind(node, node.module_map[1], to="nvidia")
+    faults.unbind(node, node.module_map[1], to="nvidia")
     assert _problem(node) is not None
-    simulate.bind(node, node.module_map[1])
+    faults.bind(node, node.module_map[1])
     assert _problem(node) is None

@@ -13,8 +13,9 @@ General layout:
   map to serve with.
 - :mod:`.binding`: moving GPUs (and their IOMMU groups) to vfio-pci: the plan, the
   checks before it (open GPUs, NVSwitches), its execution through a ``PciKernel``.
-- :mod:`.simulate`: writes a faithful fake sysfs, /dev and /proc tree for tests,
-  ``--simulate`` and the demo, plus fault injection (unbind, missing group node, foreign
-  function) and :class:`~.simulate.SimulatedKernel`, the driver-binding interface as the
-  kernel behaves; :mod:`.nvidia_smi_sim` prints ``nvidia-smi -q`` for it.
+- :mod:`.simulate` (a package): writes a faithful fake sysfs, /dev and /proc tree for
+  tests, ``--simulate`` and the demo (:mod:`.simulate.build`), plus fault injection
+  (:mod:`.simulate.faults`: unbind, missing group node, foreign function) and
+  :class:`~.simulate.kernel.SimulatedKernel`, the driver-binding interface as the kernel
+  behaves; :mod:`.nvidia_smi_sim` prints ``nvidia-smi -q`` for it.
 """

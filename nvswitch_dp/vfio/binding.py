@@ -42,9 +42,10 @@ from nvswitch_dp.vfio.discovery import (
     VFIO_DRIVER,
     VIABLE_DRIVERS,
     PciGpu,
+    read_attribute,
     read_function,
 )
-from nvswitch_dp.vfio.pci_ids import BRIDGE_CLASSES, NVIDIA_VENDOR_ID, NVSWITCH_CLASS
+from nvswitch_dp.vfio.pci_ids import NVIDIA_VENDOR_ID, NVSWITCH_CLASS, is_bridge
 
 # The modules vfio-pci needs; the names /sys/module shows them under.
 VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
@@ -112,10 +113,6 @@ def _class(fn: FunctionState) -> int | None:
     return None if fn.pci_class is None else fn.pci_class >> 8
 
 
-def _is_bridge(pci_class: int | None) -> bool:
-    return pci_class is not None and (pci_class >> 8) in BRIDGE_CLASSES
-
-
 def _writes(sysfs_root: Path, fn: FunctionState) -> tuple[Write, ...]:
     pci = sysfs_root / "bus" / "pci"
     writes = []
@@ -158,7 +155,7 @@ def _group_refusal(members: Sequence[FunctionState], held: Mapping[str, str]) ->
         if not m.is_gpu
         and m.driver not in VIABLE_DRIVERS
         and m.driver is not None
-        and not _is_bridge(m.pci_class)
+        and not is_bridge(m.pci_class)
         and m.vendor != NVIDIA_VENDOR_ID
     ]
     if foreign:
@@ -211,7 +208,7 @@ def plan_binding(
         already += sum(m.is_gpu and m.driver == VFIO_DRIVER for m in ordered)
         group = ordered[0].iommu_group
         for member in ordered:
-            if member.driver == VFIO_DRIVER or _is_bridge(member.pci_class):
+            if member.driver == VFIO_DRIVER or is_bridge(member.pci_class):
                 continue  # there already, or the kernel lets it stay
             if not member.is_gpu and (member.driver in VIABLE_DRIVERS or member.driver is None):
                 continue  # pci-stub or unbound: the group stays viable
@@ -228,16 +225,9 @@ def plan_binding(
 # ---------------------------------------------------------------------------- readers
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def read_override(sysfs_root: Path, address: str) -> str | None:
     """``driver_override`` of the function; ``None`` when unset ("(null)") or unreadable."""
-    text = _read(sysfs_root / "bus" / "pci" / "devices" / address / "driver_override")
+    text = read_attribute(sysfs_root / "bus" / "pci" / "devices" / address / "driver_override")
     return None if text in (None, "", "(null)") else text
 
 
@@ -287,7 +277,7 @@ def read_device_minor(proc_root: Path, address: str) -> int | None:
     """The GPU's ``/dev/nvidia<minor>`` number, from the nvidia driver's
     ``/proc/driver/nvidia/gpus/<address>/information`` ("Device Minor: 0"); ``None``
     when the driver does not list the GPU."""
-    text = _read(proc_root / "driver" / "nvidia" / "gpus" / address / "information")
+    text = read_attribute(proc_root / "driver" / "nvidia" / "gpus" / address / "information")
     for line in (text or "").splitlines():
         key, _, value = line.partition(":")
         if key.strip().lower() == "device minor":
@@ -334,7 +324,7 @@ def find_open_holders(proc_root: Path, paths: Iterable[str]) -> OpenHolders:
             except OSError:
                 continue
             if target in wanted:
-                comm = _read(Path(entry.path) / "comm") or "?"
+                comm = read_attribute(Path(entry.path) / "comm") or "?"
                 found.setdefault(target, []).append(f"pid {entry.name} ({comm})")
                 break
     return OpenHolders({p: tuple(h) for p, h in found.items()}, unreadable)

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvswitch_dp.vfio.pci_ids import (
-    BRIDGE_CLASSES,
     GPU_CLASSES,
+    is_bridge,
     normalize_device_key,
     parse_pci_id,
 )
@@ -40,6 +40,7 @@ from nvswitch_dp.vfio.pci_ids import (
 log = logging.getLogger(__name__)
 
 VFIO_DRIVER = "vfio-pci"
+NVIDIA_DRIVER = "nvidia"
 # Drivers the kernel lets share a group with a vfio-pci device (vfio_driver_allowed).
 VIABLE_DRIVERS = frozenset({VFIO_DRIVER, "pci-stub"})
 
@@ -198,7 +199,7 @@ def member_blocks_viability(member: GroupMember) -> bool:
     """Whether this function keeps its IOMMU group from being opened (kernel rules)."""
     if member.driver is None or member.driver in VIABLE_DRIVERS:
         return False
-    return not (member.pci_class is not None and (member.pci_class >> 8) in BRIDGE_CLASSES)
+    return not is_bridge(member.pci_class)
 
 
 def decide_vfio_problem(snapshot: VfioSnapshot) -> str | None:
@@ -229,7 +230,9 @@ def decide_vfio_problem(snapshot: VfioSnapshot) -> str | None:
 # ---------------------------------------------------------------------------- readers
 
 
-def _read(path: Path) -> str | None:
+def read_attribute(path: Path) -> str | None:
+    """The text of the sysfs or procfs file ``path``, stripped; ``None`` when it is absent
+    or unreadable (a device that vanished is data, not an error)."""
     try:
         return path.read_text().strip()
     except (OSError, UnicodeDecodeError):
@@ -266,13 +269,13 @@ def read_function(sysfs_root: Path, address: str) -> PciFunction | None:
     base = sysfs_root / "bus" / "pci" / "devices" / address
     if not base.exists():
         return None
-    numa = _int(_read(base / "numa_node"))
+    numa = _int(read_attribute(base / "numa_node"))
     group = _link_name(base / "iommu_group")
     return PciFunction(
         address=address.lower(),
-        vendor_id=_hex_id(_read(base / "vendor")),
-        device_id=_hex_id(_read(base / "device")),
-        pci_class=_int(_read(base / "class"), 16),
+        vendor_id=_hex_id(read_attribute(base / "vendor")),
+        device_id=_hex_id(read_attribute(base / "device")),
+        pci_class=_int(read_attribute(base / "class"), 16),
         driver=_link_name(base / "driver"),
         iommu_group=_int(group),
         numa_node=numa if numa is not None and numa >= 0 else None,
@@ -337,7 +340,7 @@ def read_vfio_snapshot(sysfs_root: Path, dev_root: Path, address: str) -> VfioSn
                 GroupMember(
                     address=other,
                     driver=_link_name(group_dir / other / "driver"),
-                    pci_class=_int(_read(group_dir / other / "class"), 16),
+                    pci_class=_int(read_attribute(group_dir / other / "class"), 16),
                 )
             )
         group_node = (vfio / str(group)).exists()

@@ -26,11 +26,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from nvswitch_dp.vfio.pci_ids import normalize_pci_address
 
 # FM's limit: 16 GPUs per node, numbered from 1 (module_map and the inventory check it too).
 MAX_MODULE_ID = 16
+
+
+def is_module_id(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is a module ID FM can know: an integer (not a bool) from 1 to
+    :data:`MAX_MODULE_ID`."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_MODULE_ID
+
 
 SOURCE_NVML = "nvml"
 SOURCE_NVIDIA_SMI = "nvidia-smi"
@@ -173,7 +181,7 @@ def check_identities(identities: Iterable[GpuIdentity]) -> None:
     by_module: dict[int, list[str]] = {}
     missing: list[str] = []
     for identity in identities:
-        if identity.module_id is None or not 1 <= identity.module_id <= MAX_MODULE_ID:
+        if not is_module_id(identity.module_id):
             text = identity.module_text or (
                 None if identity.module_id is None else str(identity.module_id)
             )

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from nvswitch_dp.files import write_atomically
-from nvswitch_dp.vfio.identity import MAX_FIELD_CHARS, MAX_MODULE_ID, GpuIdentity
+from nvswitch_dp.vfio.identity import MAX_FIELD_CHARS, MAX_MODULE_ID, GpuIdentity, is_module_id
 from nvswitch_dp.vfio.pci_ids import normalize_device_key, normalize_pci_address
 
 INVENTORY_VERSION = 1
@@ -123,7 +123,7 @@ def _entry(address: str, raw: Any) -> InventoryEntry:
         missing, unknown = sorted(_ENTRY_KEYS - keys), sorted(keys - _ENTRY_KEYS)
         raise ValueError(f"gpus.{address}: missing keys {missing}, unknown keys {unknown}")
     module = raw["module_id"]
-    if isinstance(module, bool) or not isinstance(module, int) or not 1 <= module <= MAX_MODULE_ID:
+    if not is_module_id(module):
         raise ValueError(f"gpus.{address}.module_id: must be an integer 1-{MAX_MODULE_ID}")
     if not isinstance(raw["device_id"], str):
         raise ValueError(f"gpus.{address}.device_id: must be a string like '10de:2335'")
@@ -230,7 +230,7 @@ def merge_discovered(
     gpus = dict(old.gpus) if old is not None else {}
     changes: list[str] = []
     for identity in discovered:
-        if identity.module_id is None or not 1 <= identity.module_id <= MAX_MODULE_ID:
+        if not is_module_id(identity.module_id):
             raise ValueError(f"GPU {identity.address}: no module ID 1-{MAX_MODULE_ID} to record")
         entry = InventoryEntry(
             module_id=identity.module_id,

@@ -38,16 +38,19 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from nvswitch_dp.vfio.simulate import (
+from nvswitch_dp.vfio.discovery import NVIDIA_DRIVER
+from nvswitch_dp.vfio.simulate.build import load_simulated_node
+from nvswitch_dp.vfio.simulate.node import (
     CUDA_VERSION,
     DRIVER_VERSION,
-    NVIDIA_DRIVER,
     VBIOS_VERSION,
     SimIdentity,
     SimulatedNode,
     SimulationError,
-    load_simulated_node,
+    current_driver,
+    device_link,
     product_name,
+    read_hex_attribute,
 )
 
 SYSFS_ENV = "NVSWITCH_DP_SIM_SYSFS"
@@ -94,27 +97,29 @@ def bus_id(address: str) -> str:
     return f"{int(domain, 16):08X}:{bus.upper()}:{slot_fn.upper()}"
 
 
-def _read(directory: Path, name: str) -> int:
-    try:
-        return int((directory / name).read_text().strip(), 16)
-    except (OSError, ValueError):
-        return 0
-
-
 def render_gpu(identity: SimIdentity, platform_name: str, device_dir: Path) -> list[str]:
-    """The lines of one GPU's block, its PCI facts read from ``device_dir`` (sysfs)."""
-    domain, bus, slot_fn = identity.address.split(":")
-    slot = int(slot_fn.split(".")[0], 16)
-    vendor, device = _read(device_dir, "vendor"), _read(device_dir, "device")
-    sub_vendor, sub_device = (
-        _read(device_dir, "subsystem_vendor"),
-        _read(device_dir, "subsystem_device"),
-    )
-    pci_class = _read(device_dir, "class")
-    h200 = platform_name == "hgx-h200"
-    parts = _H200_PARTS if h200 else {"board": "N/A", "gpu": "N/A"}
+    """The lines of one GPU's block, its PCI facts read from ``device_dir`` (sysfs), in
+    the order the captured output has its sections."""
     return [
         f"GPU {bus_id(identity.address)}",
+        *_product_lines(platform_name),
+        *_board_lines(identity, platform_name),
+        *_mode_lines(),
+        *_pci_lines(identity.address, device_dir),
+        *_state_lines(),
+        "",
+    ]
+
+
+def _location(address: str) -> tuple[int, int, int]:
+    """``(domain, bus, device)`` of the PCI address ``"0000:5d:00.0"``."""
+    domain, bus, slot_fn = address.split(":")
+    return int(domain, 16), int(bus, 16), int(slot_fn.split(".")[0], 16)
+
+
+def _product_lines(platform_name: str) -> list[str]:
+    """From ``Product Name`` to ``Driver Model``: what the product is and its modes."""
+    return [
         _kv(1, "Product Name", product_name(platform_name)),
         _kv(1, "Product Brand", "NVIDIA"),
         _kv(1, "Product Architecture", _ARCHITECTURES.get(platform_name, "N/A")),
@@ -131,13 +136,22 @@ def render_gpu(identity: SimIdentity, platform_name: str, device_dir: Path) -> l
         _title(1, "Driver Model"),
         _kv(2, "Current", "N/A"),
         _kv(2, "Pending", "N/A"),
+    ]
+
+
+def _board_lines(identity: SimIdentity, platform_name: str) -> list[str]:
+    """From ``Serial Number`` to ``Inforom BBX Object Flush``: this GPU and its board."""
+    _, bus, slot = _location(identity.address)
+    h200 = platform_name == "hgx-h200"
+    parts = _H200_PARTS if h200 else {"board": "N/A", "gpu": "N/A"}
+    return [
         _kv(1, "Serial Number", identity.serial),
         _kv(1, "GPU UUID", identity.uuid),
         _kv(1, "GPU PDI", f"0x{identity.module_id:016x}"),
         _kv(1, "Minor Number", identity.minor),
         _kv(1, "VBIOS Version", VBIOS_VERSION.upper()),
         _kv(1, "MultiGPU Board", "No"),
-        _kv(1, "Board ID", f"0x{(int(bus, 16) << 8) | slot:x}"),
+        _kv(1, "Board ID", f"0x{(bus << 8) | slot:x}"),
         _kv(1, "Board Part Number", parts["board"]),
         _kv(1, "GPU Part Number", parts["gpu"]),
         _kv(1, "FRU Part Number", "N/A"),
@@ -157,6 +171,12 @@ def render_gpu(identity: SimIdentity, platform_name: str, device_dir: Path) -> l
         _title(1, "Inforom BBX Object Flush"),
         _kv(2, "Latest Timestamp", "N/A"),
         _kv(2, "Latest Duration", "N/A"),
+    ]
+
+
+def _mode_lines() -> list[str]:
+    """From ``GPU Operation Mode`` to ``IBMNPU``: modes no simulation changes."""
+    return [
         _title(1, "GPU Operation Mode"),
         _kv(2, "Current", "N/A"),
         _kv(2, "Pending", "N/A"),
@@ -169,14 +189,26 @@ def render_gpu(identity: SimIdentity, platform_name: str, device_dir: Path) -> l
         _kv(1, "GSP Firmware Version", DRIVER_VERSION),
         _title(1, "IBMNPU"),
         _kv(2, "Relaxed Ordering Mode", "N/A"),
+    ]
+
+
+def _pci_lines(address: str, device_dir: Path) -> list[str]:
+    """The ``PCI`` section: location from ``address``, IDs and class from sysfs."""
+    domain, bus, slot = _location(address)
+    vendor = read_hex_attribute(device_dir, "vendor")
+    device = read_hex_attribute(device_dir, "device")
+    sub_vendor = read_hex_attribute(device_dir, "subsystem_vendor")
+    sub_device = read_hex_attribute(device_dir, "subsystem_device")
+    pci_class = read_hex_attribute(device_dir, "class")
+    return [
         _title(1, "PCI"),
-        _kv(2, "Bus", f"0x{bus.upper()}"),
+        _kv(2, "Bus", f"0x{bus:02X}"),
         _kv(2, "Device", f"0x{slot:02X}"),
-        _kv(2, "Domain", f"0x{int(domain, 16):04X}"),
+        _kv(2, "Domain", f"0x{domain:04X}"),
         _kv(2, "Base Classcode", f"0x{pci_class >> 16:X}"),
         _kv(2, "Sub Classcode", f"0x{(pci_class >> 8) & 0xFF:X}"),
         _kv(2, "Device Id", f"0x{device:04X}{vendor:04X}"),
-        _kv(2, "Bus Id", bus_id(identity.address)),
+        _kv(2, "Bus Id", bus_id(address)),
         _kv(2, "Sub System Id", f"0x{sub_device:04X}{sub_vendor:04X}"),
         _title(2, "GPU Link Info"),
         _title(3, "PCIe Generation"),
@@ -197,6 +229,12 @@ def render_gpu(identity: SimIdentity, platform_name: str, device_dir: Path) -> l
         _kv(2, "Rx Throughput", "0 KB/s"),
         _kv(2, "Atomic Caps Outbound", "N/A"),
         _kv(2, "Atomic Caps Inbound", "N/A"),
+    ]
+
+
+def _state_lines() -> list[str]:
+    """From ``Fan Speed`` to ``Capabilities``: the GPU's idle state, no fabric, no process."""
+    return [
         _kv(1, "Fan Speed", "N/A"),
         _kv(1, "Performance State", "P0"),
         _kv(1, "Compute Mode", "Default"),
@@ -216,22 +254,16 @@ def render_gpu(identity: SimIdentity, platform_name: str, device_dir: Path) -> l
         _kv(1, "Processes", "None"),
         _title(1, "Capabilities"),
         _kv(2, "EGM", "disabled"),
-        "",
     ]
 
 
 def gpus_on_nvidia(node: SimulatedNode) -> list[SimIdentity]:
     """The node's GPUs bound to nvidia now, in PCI bus order (NVML's enumeration order)."""
-    devices = node.sysfs_root / "bus" / "pci" / "devices"
-    found = []
-    for address, identity in sorted(node.identities.items()):
-        try:
-            driver = (devices / address / "driver").readlink().name
-        except OSError:
-            continue
-        if driver == NVIDIA_DRIVER:
-            found.append(identity)
-    return found
+    return [
+        identity
+        for address, identity in sorted(node.identities.items())
+        if current_driver(node.sysfs_root, address) == NVIDIA_DRIVER
+    ]
 
 
 def render(node: SimulatedNode, now: float) -> str | None:
@@ -249,9 +281,10 @@ def render(node: SimulatedNode, now: float) -> str | None:
         "",
         _kv(0, "Attached GPUs", len(gpus)),
     ]
-    devices = node.sysfs_root / "bus" / "pci" / "devices"
     for identity in gpus:
-        lines += render_gpu(identity, node.platform_name, devices / identity.address)
+        lines += render_gpu(
+            identity, node.platform_name, device_link(node.sysfs_root, identity.address)
+        )
     return "\n".join(lines) + "\n"
 
 

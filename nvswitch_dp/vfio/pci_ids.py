@@ -48,6 +48,17 @@ GPU_CLASSES = frozenset({0x0302, 0x0300})  # 3D controller (HGX GPUs), VGA contr
 BRIDGE_CLASSES = frozenset({0x0604, 0x0607})  # PCI-to-PCI and CardBus bridges
 NVSWITCH_CLASS = 0x0680  # "other bridge"
 
+
+def is_bridge(pci_class: int | None) -> bool:
+    """Whether the 24-bit class code ``pci_class`` is a PCI-to-PCI or CardBus bridge;
+    ``None`` (unreadable) is not.
+
+    The kernel looks at the header type (a bridge's is not "normal"); the class stands
+    for it here, in discovery, in the binding plan and in the simulated tree alike.
+    """
+    return pci_class is not None and (pci_class >> 8) in BRIDGE_CLASSES
+
+
 _KEY = re.compile(r"^(?:0x)?([0-9a-f]{4}):(?:0x)?([0-9a-f]{4})$")
 
 
