@@ -38,7 +38,7 @@ def test_minimal_file_is_the_defaults() -> None:
     assert config.log.level == "info"
     assert config.log.format == "text"
     assert config.plugin.directory == "/var/lib/kubelet/device-plugins"
-    assert config.plugin.resource_prefix == "nvidia.com/gpu-h200"
+    assert config.plugin.resource_prefix == "auto"
     assert config.plugin.pod_resources_socket == "/var/lib/kubelet/pod-resources/kubelet.sock"
     assert config.plugin.release_grace_seconds == 30
     assert config.plugin.allocation_unit == "partition"
@@ -68,14 +68,10 @@ def test_config_is_frozen() -> None:
         Config().state_dir = "/tmp"  # type: ignore[misc]
 
 
-def test_resource_name() -> None:
-    assert Config().resource_name(4) == "nvidia.com/gpu-h200-4x"
-    assert parse_config(_v1("plugin: {resource_prefix: example.com/h}\n")).resource_name(16) == (
-        "example.com/h-16x"
-    )
-    for bad in (0, -1, True):
-        with pytest.raises(ValueError, match="positive integer"):
-            Config().resource_name(bad)
+def test_resource_prefix_is_auto_or_a_resource_name() -> None:
+    assert parse_config(_v1("plugin: {resource_prefix: auto}\n")).plugin.resource_prefix == "auto"
+    prefix = parse_config(_v1("plugin: {resource_prefix: example.com/h}\n")).plugin.resource_prefix
+    assert prefix == "example.com/h"
 
 
 # ---------------------------------------------------------------------------- example files

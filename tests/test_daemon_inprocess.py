@@ -285,6 +285,20 @@ async def test_every_resource_registers_on_the_kubelet_socket_with_every_partiti
         assert node.sockets() == sorted(socket_name(r) for r in RESOURCES)
 
 
+async def test_a_b200_node_serves_resources_named_after_its_gpus(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """plugin.resource_prefix auto: the names follow the GPUs sysfs shows (B200 here)."""
+    config = with_overrides(make_config(tmp_path), {"module_map": {}})
+    config = simulated(config, "hgx-b200")
+    async with kubelet_side(config) as (kubelet, _, _), trio.open_nursery() as daemon:
+        controller: PartitionController = await daemon.start(run_daemon, config)
+        b200 = [f"nvidia.com/gpu-b200-{n}x" for n in (1, 2, 4, 8)]
+        assert sorted(controller.layout.resources) == sorted(b200)
+        await kubelet.wait_registered(b200)
+        daemon.cancel_scope.cancel()
+
+
 async def test_the_daemon_waits_for_a_late_kubelet_and_registers_once_it_serves(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

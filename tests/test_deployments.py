@@ -253,7 +253,7 @@ def test_scheduling(daemonset: Doc) -> None:
 def test_configmap_holds_a_valid_config(base: list[Doc], daemonset: Doc) -> None:
     text = by_kind(base, "ConfigMap")["data"]["config.yaml"]
     config = parse_config(text)
-    assert config.plugin.resource_prefix == "nvidia.com/gpu-h200"
+    assert config.plugin.resource_prefix == "auto"
     assert dict(config.vfio.gpu_device_ids) == {"10de:2335": "H200 SXM 141GB"}
     # No hand-written map: the init container records it in the node inventory.
     assert config.module_map == {}

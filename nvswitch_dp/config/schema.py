@@ -62,7 +62,8 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class PluginConfig:
     directory: str = "/var/lib/kubelet/device-plugins"
-    resource_prefix: str = "nvidia.com/gpu-h200"
+    # "auto": nvidia.com/gpu-<model> of the node's GPUs (partitions/naming.py).
+    resource_prefix: str = "auto"
     pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
     release_grace_seconds: float = 30.0
     # What one kubelet device is: a whole partition, or one GPU of one (KubeVirt).
@@ -149,12 +150,6 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     state_dir: str = DEFAULT_STATE_DIR
     dra: DraConfig = field(default_factory=DraConfig)
-
-    def resource_name(self, size: int) -> str:
-        """``nvidia.com/gpu-h200-4x`` for ``size`` 4. ``ValueError`` unless ``size >= 1``."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"partition size must be a positive integer, got {size!r}")
-        return f"{self.plugin.resource_prefix}-{size}x"
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data that :func:`parse_config` (as YAML) would turn back into this value."""

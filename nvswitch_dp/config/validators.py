@@ -127,10 +127,13 @@ _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_HOST_LABEL}(\.{_HOST_LABEL})*$")
 
 
 def resource_prefix(value: Any) -> str:
-    """``<domain>/<name>``: a Kubernetes extended resource name once ``-<n>x`` is added."""
+    """``auto`` (named after the node's GPU model), or ``<domain>/<name>``: a Kubernetes
+    extended resource name once ``-<n>x`` is added."""
     text = string(value)
+    if text == "auto":
+        return text
     domain, slash, name = text.partition("/")
-    hint = "a Kubernetes extended resource name prefix like 'nvidia.com/gpu-h200'"
+    hint = "auto, or a Kubernetes extended resource name prefix like 'nvidia.com/gpu-h200'"
     if not slash or not domain or not name:
         raise Invalid(f"must be {hint}, got {show(value)}")
     if len(domain) > 253 or not _DNS_SUBDOMAIN.match(domain):
