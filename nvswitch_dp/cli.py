@@ -37,6 +37,7 @@ from nvswitch_dp.config import (
     load_config,
     with_overrides,
 )
+from nvswitch_dp.config.schema import DEFAULT_DRA_DRIVER
 from nvswitch_dp.fabric.platforms import platform, platform_names
 from nvswitch_dp.logs import configure_logging
 
@@ -138,7 +139,7 @@ def _add_run(sub: Any) -> None:
     dra.add_argument(
         "--kubeconfig", metavar="FILE", help="else $KUBECONFIG, else the in-cluster account"
     )
-    dra.add_argument("--driver-name", metavar="NAME", help="default gpu.nvswitch-dp.io")
+    dra.add_argument("--driver-name", metavar="NAME", help=f"default {DEFAULT_DRA_DRIVER}")
     dra.add_argument(
         "--plugin-registry-dir", metavar="DIR", help="default /var/lib/kubelet/plugins_registry"
     )

@@ -120,6 +120,7 @@ class PartitionController:
         metrics: Metrics,
         unit: AllocationUnit = PARTITION_UNIT,
         call_deadline: float = DEFAULT_CALL_DEADLINE_S,
+        gpu_model: str | None = None,
     ) -> None:
         self.machine = machine
         self.fabric = fabric
@@ -135,6 +136,7 @@ class PartitionController:
             resource_prefix=resource_prefix,
             fabric_name=fabric.name,
             unit=unit,
+            gpu_model=gpu_model,
         )
         self.feed = ChangeFeed(lambda: self.machine.generation)
         self._changed = trio.Event()

@@ -265,6 +265,7 @@ def build_controller(
         metrics=Metrics(),
         unit=allocation_unit(config.plugin.allocation_unit),
         call_deadline=call_deadline(fm.timeout_seconds, fm.retries),
+        gpu_model=node.model(),
     )
     for module, reason in node.unmapped.items():
         log.error("GPU module %d: %s", module, reason)

@@ -52,3 +52,13 @@ def write_atomically(target: Path, data: bytes, *, mode: int | None = None) -> N
             os.unlink(temp)
         raise
     fsync_directory(directory)
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` is: device, inode and change time (a freed inode is reused at
+    once on some file systems, so a new socket may get the old number); None when absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)

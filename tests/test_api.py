@@ -87,6 +87,7 @@ async def make_api(
         resource_prefix=R,
         dev_root=Path(config.vfio.dev_root),
         metrics=Metrics(),
+        gpu_model=node.model(),
     )
     await nursery.start(controller.run_effects)
     app = create_app(controller, controller.metrics, config, **app_options)

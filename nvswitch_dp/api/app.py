@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ from nvswitch_dp.fabric.types import FabricManagerError
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.state import State, StateError
 from nvswitch_dp.ports import OperatorSide
-from nvswitch_dp.vfio.discovery import read_function
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "create_app", "node_facts", "readiness_problems"]
 
@@ -97,19 +96,12 @@ class Pacer:
             self._next = slot + self.interval
 
 
-def node_facts(config: Config | None, addresses: Iterable[str] = ()) -> NodeFacts:
-    """What the app reports about the node beyond its views, from ``config`` and
-    the PCI ``addresses`` of the GPUs served (the first known model names the node's)."""
+def node_facts(config: Config | None, model: str | None = None) -> NodeFacts:
+    """What the app reports about the node beyond its views, from ``config`` and the
+    GPU ``model`` the start found (:attr:`~nvswitch_dp.partitions.layout.NodeLayout.gpu_model`)."""
     if config is None:
         return NodeFacts()
     sysfs = Path(config.vfio.sysfs_root)
-    model = None
-    for address in addresses:
-        function = read_function(sysfs, address)
-        if function is not None and function.vendor_id and function.device_id:
-            model = config.vfio.gpu_device_ids.get(f"{function.vendor_id}:{function.device_id}")
-            if model:
-                break
     simulated = (
         config.fabric_manager.simulator_platform
         if config.fabric_manager.backend == "simulator"
@@ -217,7 +209,7 @@ class _Routes:
             if config is not None
             else DEFAULT_LIST_FAILURE_WINDOW_S
         )
-        self.facts = node_facts(config, (s.pci_address for s in node.layout.gpus.values()))
+        self.facts = node_facts(config, node.layout.gpu_model)
         self.auth = Authorizer(TokenSource(api.token_file), open_reads=api.open_reads)
         # The unfiltered list is what dashboards and the benchmark poll: keep its bytes
         # for as long as the node has not changed (its generation moves on every change).

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from nvswitch_dp.partitions.units import UNIT_NAMES
+from nvswitch_dp.partitions.view import Mode
 from nvswitch_dp.vfio.pci_ids import default_gpu_device_ids
 
 CONFIG_VERSION = "v1"
@@ -26,8 +28,8 @@ ENV_SOCKET_PATH = "HGX_H200_SOCKET_PATH"
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 LOG_FORMATS = ("text", "json")
 FM_BACKENDS = ("fmpm", "libnvfm", "simulator")
-ALLOCATION_UNITS = ("partition", "gpu")  # nvswitch_dp.partitions.units.UNIT_NAMES
-PLUGIN_MODES = ("device-plugin", "dra")  # nvswitch_dp.partitions.node.Mode values
+ALLOCATION_UNITS = UNIT_NAMES
+PLUGIN_MODES = tuple(mode.value for mode in Mode)
 ENV_NODE_NAME = "NODE_NAME"  # DRA mode's node name (the downward API's spec.nodeName)
 DEFAULT_DRA_DRIVER = "gpu.nvswitch-dp.io"
 DEFAULT_KUBELET_PLUGINS_DIR = "/var/lib/kubelet/plugins"

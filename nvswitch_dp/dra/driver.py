@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from nvswitch_dp.config.schema import DEFAULT_DRA_DRIVER
 from nvswitch_dp.dra.checkpoint import PreparedClaim
 from nvswitch_dp.dra.errors import ClaimNotFound, ClaimRefused, ClaimUnreadable
 from nvswitch_dp.dra.uid import is_claim_uid, validate_claim_uid
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DRIVER_NAME = "gpu.nvswitch-dp.io"
+DEFAULT_DRIVER_NAME = DEFAULT_DRA_DRIVER
 ORPHAN_CHECK_PERIOD_S = 60.0
 
 _PARTITION_DEVICE = re.compile(r"partition-(0|[1-9][0-9]*)")

@@ -33,6 +33,7 @@ import trio
 from trio_asyncio import trio_as_aio
 
 from nvswitch_dp.dra.driver import ClaimRef, DraDriver, PrepareResult
+from nvswitch_dp.files import file_identity
 from nvswitch_dp.plugin.grpc_trio import serving
 from nvswitch_dp.proto import pluginregistration as reg
 from nvswitch_dp.proto.k8s.io.kubelet.pkg.apis.dra import v1 as dra_v1
@@ -217,22 +218,13 @@ class DraPluginV1beta1(dra_v1beta1.DraPluginBase):
 # -- the serve task ------------------------------------------------------------------
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """Which file ``path`` is (device, inode, change time); None when absent."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_ctime_ns)
-
-
 async def _wait_changed(paths: Sequence[Path]) -> str:
     """Return once one of ``paths`` is removed or replaced by another file."""
-    before = {path: _identity(path) for path in paths}
+    before = {path: file_identity(path) for path in paths}
     while True:
         await trio.sleep(POLL_S)
         for path, ident in before.items():
-            now = _identity(path)
+            now = file_identity(path)
             if now is None:
                 return f"{path} was removed"
             if now != ident:

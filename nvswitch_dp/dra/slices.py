@@ -51,6 +51,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nvswitch_dp.config.schema import DEFAULT_DRA_DRIVER
 from nvswitch_dp.dra import validation
 from nvswitch_dp.partitions.layout import GpuSlot
 from nvswitch_dp.partitions.offering import DRAINED, FABRIC_PREFIX, OCCUPIED_PREFIX
@@ -58,7 +59,7 @@ from nvswitch_dp.partitions.table import Partition, PartitionTable
 
 API_VERSION = "resource.k8s.io/v1"
 KIND = "ResourceSlice"
-DEFAULT_DRIVER = "gpu.nvswitch-dp.io"
+DEFAULT_DRIVER = DEFAULT_DRA_DRIVER
 PCI_BUS_ID = "resource.kubernetes.io/pciBusID"
 GPUS_PER_BASEBOARD = 8
 # Every device consumes counters, so a device slice holds at most 64 devices.

@@ -39,6 +39,7 @@ class NodeLayout:
     resource_prefix: str
     fabric_name: str
     unit: AllocationUnit
+    gpu_model: str | None = None  # the marketing name of the node's GPUs, when found
 
     def resource_name(self, size: int) -> str:
         return f"{self.resource_prefix}-{size}x"

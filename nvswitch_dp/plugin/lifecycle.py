@@ -20,6 +20,7 @@ from pathlib import Path
 import trio
 from grpclib.client import Channel
 
+from nvswitch_dp.files import file_identity
 from nvswitch_dp.limits import CAPACITY_ERRNOS, RateLimitedLog
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.plugin.grpc_trio import call_aio, serving
@@ -43,16 +44,6 @@ _bind_errors = RateLimitedLog(log)
 def socket_name(resource: str) -> str:
     """Our socket's file name for ``resource`` (relative to the plugin directory)."""
     return "nvswitch-dp-" + resource.rsplit("/", 1)[-1] + ".sock"
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """Which file ``path`` is: device, inode and change time (a freed inode is reused at
-    once on some file systems, so a new kubelet.sock may get the old number)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 async def register(plugin_dir: Path, resource: str, endpoint: str) -> None:
@@ -96,7 +87,7 @@ async def wait_for_kubelet(plugin_dir: Path) -> tuple[int, int, int]:
     """Wait until ``kubelet.sock`` exists; return its identity."""
     path = plugin_dir / KUBELET_SOCKET
     announced = False
-    while (ident := _identity(path)) is None:
+    while (ident := file_identity(path)) is None:
         if not announced:
             log.info("waiting for the kubelet at %s", path)
             announced = True
@@ -117,7 +108,7 @@ async def wait_for_restart(
         await trio.sleep(POLL_S)
         if not os.path.exists(socket_path):
             return "our socket was removed"
-        ident = _identity(kubelet)
+        ident = file_identity(kubelet)
         if ident is not None and ident != kubelet_id:
             return "a new kubelet.sock appeared"
 
