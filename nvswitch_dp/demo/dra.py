@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ class _Cluster:
 
 
 async def _demo(session: Session, *, platform: str, wait: bool) -> int:
-    with ApiServer(token=session.token) as api:
+    # The API server's own token (the daemon's kubeconfig holds it), not the REST API's.
+    with ApiServer(token=secrets.token_urlsafe(16)) as api:
         cluster = _Cluster(session, api)
         config = await prepare_node(session, platform, cluster.settings())
         async with trio.open_nursery() as nursery:

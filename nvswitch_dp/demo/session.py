@@ -347,9 +347,10 @@ def curl_commands(session: Session, partition: int) -> list[str]:
 
 async def show_rest_access(session: Session, step: int) -> None:
     """The walk-through's REST step: the token file, and the commands to try."""
-    free = await rest(session, "/v1/partitions?state=free")
-    sizes = sorted(free["partitions"], key=lambda p: (len(p["modules"]) != 2, p["id"]))
-    partition = sizes[0]["id"] if sizes else 0
+    free = (await rest(session, "/v1/partitions?state=free"))["partitions"]
+    # A 2-GPU partition if one is free: activating it blocks the least of the pool.
+    candidates = sorted(free, key=lambda p: (p["size"] != 2, p["id"]))
+    partition = candidates[0]["id"] if candidates else 0
     say(
         f"\n{step}. the REST API on {session.api_url}: reads are open, changes need the "
         f"bearer token from api.token_file ({session.token_file}). While the demo serves:"

@@ -4,8 +4,8 @@ Both kubelets of the demo are grpclib programs under Trio, in the daemon's shape
 (shared/reference/stack.md, "grpclib inside Trio"): one asyncio loop from
 ``trio_asyncio.open_loop()`` above the demo's nursery, servers started and closed by
 :func:`nvswitch_dp.plugin.grpc_trio.serving`, client calls made through
-:func:`nvswitch_dp.plugin.grpc_trio.call_aio`. Nothing here crosses between the two
-domains any other way.
+:func:`nvswitch_dp.plugin.grpc_trio.call_aio`. A handler that must reach Trio hops with
+``trio_as_aio``, as the daemon's DRA handlers do (``nvswitch_dp/dra/kubelet.py``).
 """
 
 from __future__ import annotations
