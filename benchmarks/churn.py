@@ -12,7 +12,7 @@ free, i.e. a refusal a better placement could have avoided.
 **DRA mode** (``dra`` rows): the scheduler places each request itself. The pool is built
 by the daemon's own code (:func:`~nvswitch_dp.dra.slices.build_pool`, devices listed in
 :func:`~nvswitch_dp.partitions.policy.placement_order` for what is free) and the
-scheduler stand-in (:mod:`testkit.dra_allocator`, first fit in listed order
+scheduler stand-in (:mod:`nvswitch_dp.demo.dra_allocator`, first fit in listed order
 over shared counters, as kube-scheduler's structured allocator) allocates a one-device
 claim of the requested size from it. ``dra`` sees the pool re-published after every
 change; ``dra, stale L`` sees it re-published at most every ``L`` time units (``--lag``;
@@ -45,6 +45,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from nvswitch_dp.demo.dra_allocator import Allocator, partition_claim
 from nvswitch_dp.dra.slices import DEFAULT_DRIVER, PoolInputs, build_pool, partition_device_name
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.partitions.layout import GpuSlot
@@ -60,7 +61,6 @@ from nvswitch_dp.partitions.policy import (
 )
 from nvswitch_dp.partitions.state import PartitionBook
 from nvswitch_dp.partitions.table import PartitionTable
-from testkit.dra_allocator import Allocator, partition_claim
 
 TABLES = ("hgx-h200", "hgx-a100-16")
 DEFAULT_MIX = "1:4,2:3,4:2,8:1"

@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-from testkit.dra_allocator import partition_claim  # noqa: E402
+from nvswitch_dp.demo.dra_allocator import partition_claim  # noqa: E402
 from testkit.dra_cluster import DraCluster  # noqa: E402
 
 WITH_GPU_5 = {"partition-0", "partition-2", "partition-5", "partition-11", "gpu-5"}

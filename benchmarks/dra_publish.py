@@ -21,13 +21,13 @@ from pathlib import Path
 
 import trio
 
+from nvswitch_dp.demo.apiserver import ApiServer
 from nvswitch_dp.dra.kube import KubeClient
 from nvswitch_dp.dra.publish import PoolPublisher
 from nvswitch_dp.dra.slices import DEFAULT_DRIVER, PoolInputs
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.partitions.layout import GpuSlot
 from nvswitch_dp.partitions.table import PartitionTable
-from testkit.apiserver import ApiServer
 
 
 def _inputs(name: str, node: str) -> PoolInputs:

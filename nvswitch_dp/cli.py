@@ -7,6 +7,7 @@
                     [--driver-name NAME] [--plugin-registry-dir DIR] [--dra-plugin-dir DIR]
                     [--cdi-dir DIR]
     nvswitch-dp demo [--mode device-plugin|dra] [--platform NAME] [--api-listen HOST:PORT]
+                     [--no-wait]
     nvswitch-dp doctor ...
     nvswitch-dp prepare-node ...     read module IDs into the node inventory, bind to vfio-pci
     nvswitch-dp status [--api URL] [--token-file FILE]
@@ -16,6 +17,9 @@ Precedence for ``run``: built-in defaults < config file (``--config`` or
 ``NODE_NAME`` is read in DRA mode only (between the file and ``--node-name``). A bad
 configuration prints the offending key and exits with status 2 before anything starts;
 so does DRA mode without a node name.
+
+``run --simulate`` keeps the kubelet's side of the simulated node under the state
+directory (:func:`simulated_kubelet_paths`) unless a path is given.
 """
 
 from __future__ import annotations
@@ -63,6 +67,43 @@ def simulated(config: Config, platform_name: str) -> Config:
     return with_overrides(config, changes, source=f"--simulate {platform_name}")
 
 
+def simulated_kubelet_paths(config: Config, state_dir: Path, driver: str | None) -> dict[str, str]:
+    """Where a simulated node keeps the kubelet's side: under ``state_dir``.
+
+    Every kubelet path (device-plugin directory, PodResources socket, DRA registry and
+    plugin directories, CDI directory) that ``config`` still has at its built-in host
+    default comes back as a dotted key -> a path under ``state_dir``, so that ``run
+    --simulate`` never writes a socket or a CDI spec into the host's
+    ``/var/lib/kubelet`` or ``/var/run/cdi``. A path some layer set (file, environment)
+    is kept, and so is one a flag gives (the caller applies flags over these). A file
+    that repeats a host default cannot be told from no file: it moves too. Pure.
+    """
+    defaults = Config()
+    driver = driver or config.dra.driver_name
+    candidates = {
+        "plugin.directory": (
+            config.plugin.directory,
+            defaults.plugin.directory,
+            state_dir / "device-plugins",
+        ),
+        "plugin.pod_resources_socket": (
+            config.plugin.pod_resources_socket,
+            defaults.plugin.pod_resources_socket,
+            state_dir / "pod-resources" / "kubelet.sock",
+        ),
+        "dra.plugin_registry_dir": (
+            config.dra.plugin_registry_dir,
+            defaults.dra.plugin_registry_dir,
+            state_dir / "plugins_registry",
+        ),
+        "dra.plugin_dir": (config.dra.plugin_dir, None, state_dir / "plugins" / driver),
+        "dra.cdi_dir": (config.dra.cdi_dir, defaults.dra.cdi_dir, state_dir / "cdi"),
+    }
+    return {
+        key: str(path) for key, (value, default, path) in candidates.items() if value == default
+    }
+
+
 def build_run_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
     """The configuration ``run`` uses: file, environment, then flags.
 
@@ -91,22 +132,10 @@ def build_run_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
     if args.simulate:
         if args.fm_backend is None:
             flags["fabric_manager.backend"] = "simulator"
-        if args.plugin_dir is None and "HGX_H200_SOCKET_PATH" not in env and not args.config:
-            state = args.state_dir or config.state_dir
-            flags["plugin.directory"] = str(Path(state) / "device-plugins")
-        if config.plugin.mode == "dra" and not args.config:
-            # A simulated node keeps the kubelet's DRA directories under its state
-            # directory too, unless they are given.
-            state = Path(args.state_dir or config.state_dir)
-            driver = args.driver_name or config.dra.driver_name
-            defaults = {
-                "dra.plugin_registry_dir": state / "plugins_registry",
-                "dra.plugin_dir": state / "plugins" / driver,
-                "dra.cdi_dir": state / "cdi",
-            }
-            for key, path in defaults.items():
-                if flags[key] is None:
-                    flags[key] = str(path)
+        state = Path(args.state_dir or config.state_dir)
+        for key, path in simulated_kubelet_paths(config, state, args.driver_name).items():
+            if flags[key] is None:
+                flags[key] = path
     config = with_overrides(config, flags)
     if args.simulate:
         config = simulated(config, args.simulate)

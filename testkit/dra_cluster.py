@@ -2,14 +2,15 @@
 
 Pieces, all real processes or real servers over real sockets:
 
-- the API-server stand-in (:class:`~testkit.apiserver.ApiServer`, HTTP, in a
-  thread of this process), whose :class:`~testkit.apiserver.ApiStore`
+- the API-server stand-in (:class:`~nvswitch_dp.demo.apiserver.ApiServer`, HTTP, in a
+  thread of this process), whose :class:`~nvswitch_dp.demo.apistore.ApiStore`
   outlives it, so :meth:`DraCluster.api_down` / :meth:`DraCluster.api_up` play an outage
   on the same port with the same objects;
 - the grpcio DRA kubelet stand-in (:class:`~testkit.dra_kubelet.DraKubeletStandIn`)
   watching the node's plugin registry directory;
-- the scheduler, played by :class:`~testkit.dra_allocator.Allocator` over the
-  slices the daemon published and the allocations already written in the store;
+- the scheduler, played by :class:`~nvswitch_dp.demo.dra_allocator.Allocator` over the
+  slices the daemon published and the allocations already written in the store (the
+  demo's :class:`~nvswitch_dp.demo.cluster.ControlPlane`, which this delegates to);
 - the daemon, ``nvswitch-dp run --mode dra --simulate PLATFORM`` as a child process
   (:class:`~testkit.harness.DaemonProcess`).
 
@@ -20,25 +21,32 @@ they waited for.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from nvswitch_dp.demo.apiserver import ApiServer
+from nvswitch_dp.demo.apistore import ApiStore
+from nvswitch_dp.demo.cluster import (
+    NAMESPACE,
+    ClaimSpec,
+    ControlPlane,
+    PrepareAnswer,
+    cdi_spec,
+    fm_active,
+    pool_complete,
+)
+from nvswitch_dp.demo.dra_allocator import Allocator, Claim
 from nvswitch_dp.dra.cdi import CdiDirectory
 from nvswitch_dp.dra.slices import DEFAULT_DRIVER
-from testkit.apiserver import ApiServer, ApiStore
-from testkit.dra_allocator import Allocator, Claim
-from testkit.dra_kubelet import ClaimSpec, DraKubeletStandIn, PrepareAnswer
+from testkit.dra_kubelet import DraKubeletStandIn
 from testkit.harness import DaemonProcess
 
 NODE = "hgx-node-1"
 TOKEN = "standin-token"
-NAMESPACE = "default"
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -143,34 +151,22 @@ class DraCluster:
         """Serve the same objects again on the same port."""
         self.api = ApiServer(self.store, token=TOKEN, port=self.api.port).start()
 
-    # -- what the API server holds
+    # -- what the API server holds, and the scheduler (nvswitch_dp.demo.cluster)
+
+    @property
+    def control(self) -> ControlPlane:
+        """The API server's objects for this node, and the scheduler over them."""
+        return ControlPlane(self.store, self.node_name, self.driver)
 
     def slices(self) -> list[dict[str, Any]]:
-        return [
-            s
-            for s in self.store.slices()
-            if s["spec"]["nodeName"] == self.node_name and s["spec"]["driver"] == self.driver
-        ]
+        return self.control.slices()
 
     def devices(self) -> set[str]:
-        """Names of the devices the node's slices offer now: published, and not tainted
-        ``NoSchedule``/``NoExecute`` (those the scheduler does not allocate)."""
-        return {
-            d["name"]
-            for s in self.slices()
-            for d in s["spec"].get("devices") or []
-            if not any(
-                t.get("effect") in ("NoSchedule", "NoExecute") for t in d.get("taints") or []
-            )
-        }
+        """See :meth:`ControlPlane.devices`."""
+        return self.control.devices()
 
     def taints(self) -> dict[str, list[tuple[str, str]]]:
-        """Device name -> its taints as (key, value), for every device published."""
-        return {
-            d["name"]: [(t["key"], t.get("value", "")) for t in d.get("taints") or []]
-            for s in self.slices()
-            for d in s["spec"].get("devices") or []
-        }
+        return self.control.taints()
 
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -184,32 +180,14 @@ class DraCluster:
 
     def wait_published(self, timeout: float = 20.0) -> None:
         """Until the pool is complete in the API server (every slice of one generation)."""
-
-        def complete() -> bool:
-            found = self.slices()
-            if not found:
-                return False
-            generations = {s["spec"]["pool"]["generation"] for s in found}
-            count = found[0]["spec"]["pool"]["resourceSliceCount"]
-            return len(generations) == 1 and len(found) == count
-
-        self.wait(complete, timeout, f"the pool of {self.node_name} to be published")
-
-    # -- the scheduler and the claims
+        self.wait(
+            lambda: pool_complete(self.slices()),
+            timeout,
+            f"the pool of {self.node_name} to be published",
+        )
 
     def allocator(self) -> Allocator:
-        """The scheduler's view: the published pool, minus what claims hold already."""
-        allocator = Allocator.from_slices(self.slices())
-        for (resource, _, _), obj in list(self.store.objects.items()):
-            if resource != "resourceclaims":
-                continue
-            allocation = (obj.get("status") or {}).get("allocation") or {}
-            for result in (allocation.get("devices") or {}).get("results") or []:
-                if result.get("driver") == self.driver and result.get("device") in (
-                    allocator.devices
-                ):
-                    allocator.allocated.add(result["device"])
-        return allocator
+        return self.control.allocator()
 
     def create_claim(
         self,
@@ -220,70 +198,16 @@ class DraCluster:
         pod_claim_name: str | None = None,
         devices: Sequence[str] | None = None,
     ) -> ClaimSpec:
-        """Create a ResourceClaim for ``claim`` and allocate it as the scheduler would
-        (``devices`` forces the allocation instead, as a misbehaving scheduler might).
-
-        ``pod_claim_name`` marks it as generated from a template for that pod claim.
-        Raises ``LookupError`` when the scheduler finds no allocation.
-        """
-        name = name or f"claim-{uuid.uuid4().hex[:8]}"
-        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
-        if pod_claim_name is not None:
-            metadata["annotations"] = {"resource.kubernetes.io/pod-claim-name": pod_claim_name}
-        requests = [
-            {
-                "name": r.name,
-                "exactly": {"deviceClassName": _class_name(r, self.driver), "count": r.count},
-            }
-            for r in claim.requests
-        ]
-        spec: dict[str, Any] = {"devices": {"requests": requests}}
-        if claim.match_attribute:
-            spec["devices"]["constraints"] = [
-                {
-                    "requests": [r.name for r in claim.requests],
-                    "matchAttribute": f"{self.driver}/{claim.match_attribute}",
-                }
-            ]
-        created = self.store.create(
-            "resourceclaims",
-            namespace,
-            {
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "ResourceClaim",
-                "metadata": metadata,
-                "spec": spec,
-            },
+        """See :meth:`ControlPlane.create_claim`."""
+        return self.control.create_claim(
+            claim, name=name, namespace=namespace, pod_claim_name=pod_claim_name, devices=devices
         )
-        if devices is None:
-            # The scheduler retries a pod while a pool is being updated (incomplete: a
-            # new generation not wholly written yet); so does this, within 10 s.
-            allocator = self.allocator()
-            deadline = time.monotonic() + 10.0
-            while allocator.unusable is not None and time.monotonic() < deadline:
-                time.sleep(0.01)
-                allocator = self.allocator()
-            found = allocator.allocate(claim)
-            if found is None:
-                self.store.delete("resourceclaims", namespace, name)
-                raise LookupError(f"the scheduler finds no allocation for {claim}")
-            devices = found
-        slots = [r.name for r in claim.requests for _ in range(r.count)]
-        results = [
-            {"request": request, "driver": self.driver, "pool": self.node_name, "device": device}
-            for request, device in zip(slots, devices, strict=True)
-        ]
-        created["status"] = {"allocation": {"devices": {"results": results}}}
-        self.store.update("resourceclaims", namespace, name, created, status=True)
-        return ClaimSpec(namespace, created["metadata"]["uid"], name)
 
     def delete_claim(self, claim: ClaimSpec) -> None:
-        self.store.delete("resourceclaims", claim.namespace, claim.name)
+        self.control.delete_claim(claim)
 
     def allocated(self, claim: ClaimSpec) -> list[str]:
-        obj = self.store.get("resourceclaims", claim.namespace, claim.name)
-        results = obj["status"]["allocation"]["devices"]["results"]
-        return [r["device"] for r in results]
+        return self.control.allocated(claim)
 
     def prepare(self, claim: ClaimSpec) -> PrepareAnswer:
         return self.kubelet.prepare(self.driver, [claim])[claim.uid]
@@ -296,30 +220,16 @@ class DraCluster:
     def fm_active(self) -> list[int]:
         """FM's active partitions, from the simulator's state file."""
         assert self.daemon is not None
-        if not self.daemon.fm_state_file.exists():  # written on the simulator's first change
-            return []
-        data = json.loads(self.daemon.fm_state_file.read_text())
-        return sorted(int(p) for p in data["active"])
+        return fm_active(self.daemon.fm_state_file)
 
     def cdi_spec(self, claim: ClaimSpec) -> dict[str, Any] | None:
-        path = self.cdi.spec_path(claim.uid)
-        if not path.exists():
-            return None
-        spec: dict[str, Any] = json.loads(path.read_text())
-        return spec
+        return cdi_spec(self.cdi_dir, claim)
 
     def vfio_group(self, module_id: int) -> Path:
         """The simulated ``/dev/vfio/<group>`` node of a GPU module."""
         assert self.daemon is not None
         _, body = self.daemon.get(f"/v1/gpus/{module_id}")
         return self.state_dir / "node" / "dev" / "vfio" / str(body["iommu_group"])
-
-
-def _class_name(request: Any, driver: str) -> str:
-    device_class = request.device_class
-    if device_class.kind == "gpu":
-        return f"gpu.{driver}"
-    return f"partition-{device_class.size}x.{driver}"
 
 
 @contextmanager

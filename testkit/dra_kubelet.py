@@ -47,13 +47,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 import grpc
 
+from nvswitch_dp.demo.cluster import ClaimSpec, PrepareAnswer
 from testkit.kubelet import find_proto_dir, unix_address
 
 PLUGIN_TYPE = "DRAPlugin"
@@ -130,15 +131,6 @@ class Notification:
     delivered: bool
 
 
-@dataclass(frozen=True)
-class ClaimSpec:
-    """A claim as the kubelet names it in Prepare and Unprepare."""
-
-    namespace: str
-    uid: str
-    name: str
-
-
 @dataclass
 class _Plugin:
     driver: RegisteredDriver
@@ -151,24 +143,6 @@ class _Plugin:
 class _Seen:
     identity: tuple[int, int, int]
     driver: str | None = None  # the driver it registered, if accepted
-
-
-@dataclass
-class PrepareAnswer:
-    """The answer for one claim: devices as dicts, and the error text ("" on success)."""
-
-    devices: list[dict[str, Any]] = field(default_factory=list)
-    error: str = ""
-
-    @property
-    def cdi_device_ids(self) -> list[str]:
-        """Every CDI device ID of every device, in order, without repeats."""
-        ids: list[str] = []
-        for device in self.devices:
-            for cdi_id in device["cdi_device_ids"]:
-                if cdi_id not in ids:
-                    ids.append(cdi_id)
-        return ids
 
 
 EventSink = Callable[[str], None]

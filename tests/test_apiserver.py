@@ -17,6 +17,7 @@ import pytest
 import trio
 from dra_helpers import inputs_for
 
+from nvswitch_dp.demo.apiserver import ApiServer
 from nvswitch_dp.dra import errors
 from nvswitch_dp.dra.kube import (
     ClaimNotFound,
@@ -28,7 +29,6 @@ from nvswitch_dp.dra.kube import (
     load_config,
 )
 from nvswitch_dp.dra.slices import build_pool
-from testkit.apiserver import ApiServer
 
 TOKEN = "standin-token"
 SLICES = "/apis/resource.k8s.io/v1/resourceslices"
@@ -259,7 +259,7 @@ def test_config_order(server: ApiServer, tmp_path: Path) -> None:
 
 async def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
     kubeconfig = tmp_path / "kubeconfig"
-    command = [sys.executable, "-m", "testkit.apiserver", "--port", "0"]
+    command = [sys.executable, "-m", "nvswitch_dp.demo.apiserver", "--port", "0"]
     command += ["--token", TOKEN, "--kubeconfig", str(kubeconfig)]
     proc = await trio.lowlevel.open_process(
         command, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -171,3 +171,42 @@ def test_a_simulated_dra_node_keeps_the_kubelet_directories_in_its_state_dir(
         {},
     )  # fmt: skip
     assert given.dra.cdi_dir == "/c"
+
+
+@pytest.mark.parametrize("mode", ["device-plugin", "dra"])
+def test_a_simulated_node_never_points_at_the_hosts_kubelet_paths(
+    tmp_path: Path, mode: str
+) -> None:
+    """``run --simulate`` without path flags, with or without a config file that names
+    no paths: every kubelet path is under the state directory, none under /var."""
+    state = tmp_path / "state"
+    file = tmp_path / "c.yaml"
+    file.write_text(_v1(f"state_dir: {state}\nplugin: {{mode: {mode}}}\n"))
+    base = ["--simulate", "hgx-h200", "--node-name", "n"]
+    for argv in (
+        [*base, "--state-dir", str(state), "--mode", mode],
+        [*base, "--config", str(file)],
+    ):
+        config = _run_config(argv, {})
+        paths = [
+            config.plugin.directory,
+            config.plugin.pod_resources_socket,
+            config.dra.plugin_registry_dir,
+            config.dra.plugin_directory,
+            config.dra.cdi_dir,
+        ]
+        assert [p for p in paths if not p.startswith(f"{state}/")] == [], argv
+    assert config.plugin.pod_resources_socket == str(state / "pod-resources" / "kubelet.sock")
+
+
+def test_a_simulated_node_keeps_the_paths_a_file_the_environment_or_a_flag_gives(
+    tmp_path: Path,
+) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text(_v1("plugin: {pod_resources_socket: /file/pr.sock}\n"))
+    argv = ["--simulate", "hgx-h200", "--state-dir", str(tmp_path), "--config", str(file)]
+    config = _run_config([*argv, "--plugin-dir", "/var/lib/kubelet/device-plugins"], {})
+    assert config.plugin.directory == "/var/lib/kubelet/device-plugins"  # asked for: kept
+    assert config.plugin.pod_resources_socket == "/file/pr.sock"
+    config = _run_config(argv, {"HGX_H200_SOCKET_PATH": "/env/kubelet.sock"})
+    assert config.plugin.directory == "/env"

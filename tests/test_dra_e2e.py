@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from nvswitch_dp.demo.dra_allocator import gpu_claim, partition_claim
 from nvswitch_dp.dra.metadata import CONTAINER_DIR
-from testkit.dra_allocator import gpu_claim, partition_claim
 from testkit.dra_cluster import DraCluster, dra_cluster
 
 DRIVER = "gpu.nvswitch-dp.io"

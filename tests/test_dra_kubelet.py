@@ -18,6 +18,7 @@ import trio
 import trio_asyncio
 from dra_node import DRIVER, NODE, DraNode, allocated_claim, build_node, ref_of
 
+from nvswitch_dp.demo.cluster import ClaimSpec
 from nvswitch_dp.dra.kubelet import (
     DRA_SOCKET,
     RegistrationService,
@@ -30,7 +31,6 @@ from nvswitch_dp.proto import pluginregistration as reg
 from testkit.dra_kubelet import (
     V1_SERVICE,
     V1BETA1_SERVICE,
-    ClaimSpec,
     DraKubeletStandIn,
     RegisteredDriver,
 )

@@ -1,6 +1,6 @@
 """Placement in DRA mode: the order the pool lists its devices in is the policy.
 
-The scheduler stand-in (:mod:`testkit.dra_allocator`) takes the first device
+The scheduler stand-in (:mod:`nvswitch_dp.demo.dra_allocator`) takes the first device
 that fits in listed order, as kube-scheduler's structured allocator does; these tests
 check that, over the slices :func:`~nvswitch_dp.dra.slices.build_pool` builds with
 :func:`~nvswitch_dp.partitions.policy.placement_order`, it takes exactly what
@@ -21,6 +21,7 @@ from dra_helpers import inputs_for, table_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nvswitch_dp.demo.dra_allocator import Allocator, gpu_claim, partition_claim
 from nvswitch_dp.dra.slices import build_pool, partition_device_name
 from nvswitch_dp.partitions.policy import (
     FIRST_FIT,
@@ -33,7 +34,6 @@ from nvswitch_dp.partitions.policy import (
     remaining_after,
 )
 from nvswitch_dp.partitions.table import PartitionTable
-from testkit.dra_allocator import Allocator, gpu_claim, partition_claim
 
 TABLES = ("hgx-h200", "hgx-a100-16")
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from nvswitch_dp.demo.apistore import DEVICE_STATUS, TAINTS
+from nvswitch_dp.demo.cluster import ClaimSpec
+from nvswitch_dp.demo.dra_allocator import partition_claim
 from nvswitch_dp.dra.publish import MIN_INTERVAL_S
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.partitions.policy import (
@@ -26,10 +29,7 @@ from nvswitch_dp.partitions.policy import (
     remaining_after,
 )
 from nvswitch_dp.partitions.table import PartitionTable
-from testkit.apiserver import DEVICE_STATUS, TAINTS
-from testkit.dra_allocator import partition_claim
 from testkit.dra_cluster import DraCluster, dra_cluster
-from testkit.dra_kubelet import ClaimSpec
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ import pytest
 import trio
 from dra_helpers import inputs_for
 
+from nvswitch_dp.demo.apiserver import ApiServer
+from nvswitch_dp.demo.apistore import TAINTS
 from nvswitch_dp.dra.kube import KubeClient
 from nvswitch_dp.dra.publish import PoolPublisher
 from nvswitch_dp.dra.slices import PoolInputs, build_pool, without_generation
 from nvswitch_dp.dra.validation import check_pool
-from testkit.apiserver import TAINTS, ApiServer
 
 TOKEN = "publisher-test-token"
 DEVICES = "node-a-gpu-nvswitch-dp-io-devices-0"

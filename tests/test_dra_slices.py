@@ -15,6 +15,7 @@ from dra_helpers import inputs_for, table_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nvswitch_dp.demo.dra_allocator import Allocator, gpu_claim, partition_claim
 from nvswitch_dp.dra.slices import (
     DEFAULT_DRIVER,
     PCI_BUS_ID,
@@ -28,7 +29,6 @@ from nvswitch_dp.dra.validation import check_pool, check_slice, is_dns_subdomain
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.partitions.layout import GpuSlot
 from nvswitch_dp.partitions.table import PartitionTable
-from testkit.dra_allocator import Allocator, gpu_claim, partition_claim
 
 TABLES_JSON = Path("/work/shared/reference/partition-tables.json")
 K8S_VERSIONS = ("1.36.0", "1.37.0")

@@ -250,8 +250,8 @@ def test_failing_fm_lists_make_readyz_503_after_the_window_and_it_recovers(
 def test_a_damaged_dra_checkpoint_is_one_line_naming_the_file_and_exit_1(
     tmp_path: Path,
 ) -> None:
+    from nvswitch_dp.demo.apiserver import write_kubeconfig
     from nvswitch_dp.dra.mode import CHECKPOINT_FILE
-    from testkit.apiserver import write_kubeconfig
 
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9", "t")
     args = ["--mode", "dra", "--node-name", "n1", "--kubeconfig", str(kubeconfig)]

@@ -1,7 +1,7 @@
 """The API server's published rules for ``resource.k8s.io/v1`` ResourceSlices, as data checks.
 
 Pure (no I/O). Two users: the slice builder's tests, and the API-server stand-in
-(:mod:`testkit.apiserver`), which answers 422 with these causes; so what we
+(:mod:`nvswitch_dp.demo.apistore`), which answers 422 with these causes; so what we
 publish is checked by the same rules a real API server applies.
 
 Source: the Kubernetes 1.36 API types (``k8s.io/api`` ``resource/v1/types.go``, branch

@@ -22,7 +22,7 @@ loop (:func:`preferred_allocation`) serves them all. ``first-fit`` and ``random`
 for the churn benchmark (``benchmarks/churn.py``), not for production.
 
 In DRA mode the scheduler picks devices itself, first fit in the order a slice lists them
-(see :mod:`testkit.dra_allocator`); :func:`placement_order` and
+(see :mod:`nvswitch_dp.demo.dra_allocator`); :func:`placement_order` and
 :func:`gpu_order` turn the same policy into that order, so that first fit over the
 published list *is* the policy's choice (a property the tests check against
 :func:`preferred_allocation`).
