@@ -148,10 +148,15 @@ def test_sigterm_ends_streams_removes_sockets_and_exits_0_within_3s(node: Node) 
 
 
 def test_a_16_gpu_platform_serves_16x_and_nothing_else_does(tmp_path: Path) -> None:
+    """An A100 16-GPU board: resources named after its GPUs, the only one with -16x."""
     sizes = (1, 2, 4, 8, 16)
-    with simulated_node(tmp_path, platform="hgx-a100-16", sizes=sizes) as (_, kubelet):
-        assert kubelet.devices(f"{H200}-16x") == {"partition-0": "Healthy"}
-        assert len(kubelet.devices(f"{H200}-8x")) == 6
+    a100 = "nvidia.com/gpu-a100"
+    with simulated_node(tmp_path, platform="hgx-a100-16", sizes=sizes, resource_prefix=a100) as (
+        _,
+        kubelet,
+    ):
+        assert kubelet.devices(f"{a100}-16x") == {"partition-0": "Healthy"}
+        assert len(kubelet.devices(f"{a100}-8x")) == 6
 
 
 def test_a_bad_config_names_the_key_and_stops_the_start(tmp_path: Path) -> None:
