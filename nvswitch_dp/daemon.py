@@ -66,8 +66,8 @@ from nvswitch_dp.api.schemas import DEFAULT_LIST_FAILURE_WINDOW_S, fabric_proble
 from nvswitch_dp.api.server import ConnectionGate, rest_config, serve_api
 from nvswitch_dp.config import ApiConfig, Config
 from nvswitch_dp.controller import GpuSlot, PartitionController
+from nvswitch_dp.fabric.client import build_fabric_client
 from nvswitch_dp.fabric.platforms import PLATFORMS
-from nvswitch_dp.fabric.simulator import SimulatedFabricManager, SimulatorStore
 from nvswitch_dp.fabric.types import FabricManagerError, FmNotConfigured, FmReport
 from nvswitch_dp.limits import open_fd_count, raise_nofile_limit, rest_connection_limit
 from nvswitch_dp.metrics import Metrics
@@ -124,31 +124,6 @@ class Node:
 
     gpus: dict[int, GpuSlot]
     unmapped: dict[int, str]  # module ID -> why it has no usable PCI function
-
-
-def build_fabric_client(config: Config) -> FabricManagerClient:
-    """The FM backend the configuration names."""
-    fm = config.fabric_manager
-    if fm.backend == "simulator":
-        store = SimulatorStore(
-            Path(config.state_dir) / "fabricmanager.state", fm.simulator_platform
-        )
-        return SimulatedFabricManager(store)
-    if fm.backend == "fmpm":
-        from nvswitch_dp.fabric.fmpm import FmpmFabricManager
-
-        return FmpmFabricManager(
-            command=[fm.fmpm_path],
-            endpoint=fm.endpoint,
-            timeout=fm.timeout_seconds,
-            retries=fm.retries,
-            state_dir=Path(config.state_dir),  # fmpm runs a killed daemon left are killed
-        )
-    from nvswitch_dp.fabric.libnvfm import LibnvfmFabricManager
-
-    return LibnvfmFabricManager(
-        library=fm.libnvfm_path, endpoint=fm.endpoint, timeout=fm.timeout_seconds
-    )
 
 
 async def first_report(

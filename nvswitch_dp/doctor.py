@@ -716,7 +716,7 @@ def _simulated_roots(base: Path, platform_name: str) -> tuple[Roots, dict[int, s
 
 
 def _fm_lister(config: Any) -> ListPartitions:
-    from nvswitch_dp.daemon import build_fabric_client
+    from nvswitch_dp.fabric.client import build_fabric_client
 
     client = build_fabric_client(config)
     return client.list_partitions

@@ -22,7 +22,8 @@ from nvswitch_dp.api.problems import PROBLEM_TYPES, TYPE_BASE
 from nvswitch_dp.cli import simulated
 from nvswitch_dp.config import Config, with_overrides
 from nvswitch_dp.controller import PartitionController
-from nvswitch_dp.daemon import build_fabric_client, discover_node
+from nvswitch_dp.daemon import discover_node
+from nvswitch_dp.fabric.client import build_fabric_client
 from nvswitch_dp.fabric.simulator import SimulatorStore, inject_fault
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.node import NodeMachine
