@@ -5,17 +5,27 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-stamp
-IMAGE  ?= nvswitch-dp:dev
-# Debian packages the tests drive: promtool and the Prometheus server (metrics tests);
-# wrk loads the REST API in benchmarks/rest.py.
-DEBIAN_PACKAGES := prometheus wrk
+# The image is tagged with the project's version (pyproject.toml), the tag the manifests
+# under deployments/ name (tests/test_packaging.py keeps them equal): bump both together.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE  ?= nvswitch-dp:$(VERSION)
+# The metrics tests run promtool and a Prometheus server of their own (on a free port,
+# tests/test_metrics.py). Both come from Debian's `prometheus` package, but installing
+# that package also starts its service on a systemd host: a Prometheus server left
+# listening on :9090, the daemon's own port. So the package is never installed: its two
+# programs are taken out of the .deb (`apt-get download` + `dpkg-deb -x`, no maintainer
+# script runs, no service exists) into $(BIN), where the tests look beside the
+# interpreter. Both are Go programs that need only libc. One recipe, named by
+# $(BIN)/promtool, extracts both.
+# wrk loads the REST API in benchmarks/rest.py; its package has no service.
+DEBIAN_PACKAGES := wrk
 
 .PHONY: deps fmt lint test test-cover build image-build demo proto proto-check bench clean
 
-deps: $(STAMP)
+deps: $(STAMP) $(BIN)/promtool
 
 $(STAMP): pyproject.toml
-	@if ! command -v promtool >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then \
+	@if ! command -v wrk >/dev/null 2>&1; then \
 		echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; \
 	fi
@@ -23,6 +33,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+$(BIN)/promtool: | $(STAMP)
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "extracting promtool and prometheus from Debian's prometheus package (not installed)"; \
+	apt-get update -qq 2>/dev/null || echo "apt-get update failed (not root?): using the current package lists"; \
+	(cd "$$tmp" && apt-get download prometheus >"$$tmp/log" 2>&1) || { cat "$$tmp/log"; exit 1; }; \
+	dpkg-deb -x "$$tmp"/prometheus_*.deb "$$tmp/root"; \
+	install -m 0755 "$$tmp/root/usr/bin/promtool" "$$tmp/root/usr/bin/prometheus" $(BIN)/
 
 fmt: deps
 	$(BIN)/ruff format .

@@ -47,6 +47,19 @@ from nvswitch_dp.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
+# What --help prints: plain text, not this module's docstring, whose reStructuredText
+# markup (double backticks, roles) argparse would print as is.
+DESCRIPTION = (
+    "nvswitch-dp: a Kubernetes device plugin (or DRA driver) serving Fabric Manager's "
+    "NVSwitch partitions to VMs through VFIO-PCI, and the tools to prepare and check a node."
+)
+RUN_DESCRIPTION = (
+    "Run the daemon. Precedence: built-in defaults < the config file (--config or "
+    "$HGX_H200_CONFIG_PATH) < HGX_H200_* environment overrides < these flags. NODE_NAME "
+    "counts in DRA mode only. A bad configuration names the offending key and exits "
+    "with status 2 before anything starts; so does DRA mode without a node name."
+)
+
 
 def simulated(config: Config, platform_name: str) -> Config:
     """Point ``config`` at a simulated node built under its state directory.
@@ -144,7 +157,7 @@ def build_run_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
 
 
 def _add_run(sub: Any) -> None:
-    run = sub.add_parser("run", help="run the device plugin daemon")
+    run = sub.add_parser("run", help="run the device plugin daemon", description=RUN_DESCRIPTION)
     run.add_argument("--config", metavar="FILE", help="YAML configuration file")
     run.add_argument(
         "--simulate",
@@ -179,7 +192,7 @@ def _add_run(sub: Any) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="nvswitch-dp", description=__doc__.split("\n\n")[0])
+    top = argparse.ArgumentParser(prog="nvswitch-dp", description=DESCRIPTION)
     sub = top.add_subparsers(dest="command", required=True)
     _add_run(sub)
     sub.add_parser(

@@ -111,7 +111,12 @@ def render(
 
 def status_main(argv: Sequence[str]) -> int:
     """Entry point of ``nvswitch-dp status``: print the map; 0, or 1 when unreadable."""
-    parser = argparse.ArgumentParser(prog="nvswitch-dp status", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="nvswitch-dp status",
+        # Plain text: the module docstring's reStructuredText would be printed as is.
+        description="The node's fabric map for operators, read from the REST API: GPUs "
+        "against partitions, each partition's state and what blocks it.",
+    )
     parser.add_argument("--api", default=DEFAULT_API, metavar="URL", help=f"default {DEFAULT_API}")
     parser.add_argument("--token-file", metavar="FILE", help="bearer token (api.open_reads: false)")
     args = parser.parse_args(list(argv))

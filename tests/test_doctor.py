@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from doctor_helpers import (
+    FIRST_GPU,
+    GPU_IDS,
+    MODULE_MAP,
+    FakeNode,
+    check,
+    h200_report,
+    run,
+)
 from sysfs_helpers import REAL_ADDRESS, real_like_node
 
 from nvswitch_dp import doctor
@@ -15,132 +22,21 @@ from nvswitch_dp.doctor import (
     CheckResult,
     FmAnswer,
     NodeFacts,
-    Roots,
     Status,
     exit_code,
     format_report,
     run_checks,
 )
-from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.types import (
     FmConnectionNotValid,
-    FmGpu,
     FmNotConfigured,
-    FmPartition,
     FmReport,
 )
 from nvswitch_dp.vfio.discovery import PciGpu, VfioSnapshot
 from nvswitch_dp.vfio.pci_ids import GPU_DEVICE_IDS
 
-H200 = platform("hgx-h200")
-MODULE_MAP = H200.module_map()
-GPU_IDS = {"10de:2335": "H200 SXM 141GB"}
-
-
-def h200_report() -> FmReport:
-    return FmReport(
-        tuple(
-            FmPartition(pid, pid == 1, tuple(FmGpu(m, links, links) for m in modules))
-            for pid, modules, links in H200.rows
-        )
-    )
-
-
-@dataclass
-class FakeNode:
-    """A node's /proc, /sys, /dev and fabricmanager.cfg under one temporary directory."""
-
-    base: Path
-    cmdline: str = "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro intel_iommu=on iommu=pt"
-    modules: tuple[str, ...] = ("vfio_pci", "vfio_iommu_type1", "vfio")
-    builtin: tuple[str, ...] = ()
-    iommu: bool = True
-    hugepages: dict[str, int] = field(default_factory=lambda: {"1048576kB": 512, "2048kB": 0})
-    fm_config: str | None = "# Fabric Manager\nFABRIC_MODE=1\nFM_CMD_PORT_NUMBER=6666\n"
-    gpu_driver: dict[str, str | None] = field(default_factory=dict)  # address -> driver
-    group_extra: dict[str, tuple[str, str, str | None]] = field(default_factory=dict)
-    missing_dev: tuple[str, ...] = ()  # group numbers without /dev/vfio/<n>
-
-    @property
-    def roots(self) -> Roots:
-        return Roots(
-            proc=self.base / "proc",
-            sysfs=self.base / "sys",
-            dev=self.base / "dev",
-            fm_config=self.base / "fabricmanager.cfg",
-        )
-
-    def build(self) -> Roots:
-        r = self.roots
-        (r.proc).mkdir(parents=True)
-        (r.proc / "cmdline").write_text(self.cmdline + "\n")
-        (r.proc / "modules").write_text(
-            "".join(f"{m} 16384 0 - Live 0x0000000000000000\n" for m in self.modules)
-        )
-        for m in self.builtin:
-            (r.sysfs / "module" / m / "parameters").mkdir(parents=True)
-        for size, n in self.hugepages.items():
-            pool = r.sysfs / "kernel" / "mm" / "hugepages" / f"hugepages-{size}"
-            pool.mkdir(parents=True)
-            (pool / "nr_hugepages").write_text(f"{n}\n")
-        if self.fm_config is not None:
-            r.fm_config.write_text(self.fm_config)
-        (r.sysfs / "bus" / "pci" / "devices").mkdir(parents=True)
-        (r.sysfs / "kernel" / "iommu_groups").mkdir(parents=True, exist_ok=True)
-        (r.dev / "vfio").mkdir(parents=True)
-        (r.dev / "vfio" / "vfio").touch()
-        if self.iommu:
-            (r.sysfs / "class" / "iommu" / "dmar0").mkdir(parents=True)
-        for number, address in enumerate(sorted(MODULE_MAP.values()), start=40):
-            driver = self.gpu_driver.get(address, "vfio-pci")
-            self._function(address, "0x10de", "0x2335", "0x030200", driver, str(number))
-            if str(number) not in self.missing_dev and self.iommu:
-                (r.dev / "vfio" / str(number)).touch()
-        for gpu, (address, pci_class, driver) in self.group_extra.items():
-            group = os.readlink(r.sysfs / "bus" / "pci" / "devices" / gpu / "iommu_group")
-            self._function(address, "0x10de", "0x22a3", pci_class, driver, Path(group).name)
-        # An unrelated device that is not a GPU.
-        self._function("0000:00:1f.0", "0x8086", "0x1234", "0x060100", "lpc_ich", "1")
-        return r
-
-    def _function(
-        self, address: str, vendor: str, device: str, pci_class: str, driver: str | None, group: str
-    ) -> None:
-        sysfs = self.roots.sysfs
-        dev = sysfs / "bus" / "pci" / "devices" / address
-        dev.mkdir(parents=True)
-        (dev / "vendor").write_text(vendor + "\n")
-        (dev / "device").write_text(device + "\n")
-        (dev / "class").write_text(pci_class + "\n")
-        if driver is not None:
-            drv = sysfs / "bus" / "pci" / "drivers" / driver
-            drv.mkdir(parents=True, exist_ok=True)
-            (dev / "driver").symlink_to(drv)
-        if self.iommu:
-            gdir = sysfs / "kernel" / "iommu_groups" / group
-            (gdir / "devices").mkdir(parents=True, exist_ok=True)
-            (gdir / "devices" / address).symlink_to(dev)
-            (dev / "iommu_group").symlink_to(gdir)
-
-
-def check(results: list[CheckResult], name: str) -> CheckResult:
-    (found,) = [r for r in results if r.name == name]
-    return found
-
-
-def run(node: FakeNode, *, fm: FmAnswer | None = None, **kw: object) -> list[CheckResult]:
-    roots = node.build()
-    module_map = kw.get("module_map", MODULE_MAP)
-    assert isinstance(module_map, dict)
-    return run_checks(
-        roots,
-        gpu_device_ids=GPU_IDS,
-        module_map=module_map,
-        fm=fm if fm is not None else FmAnswer(report=h200_report()),
-    )
-
-
 ALL_CHECKS = [
+    "gpus",
     "iommu",
     "vfio-modules",
     "gpus-vfio",
@@ -176,8 +72,6 @@ def test_amd_iommu_flag_is_recognised(tmp_path: Path) -> None:
     assert "amd_iommu=on iommu=pt" in result.detail
 
 
-FIRST_GPU = MODULE_MAP[1]
-
 FAILURES: list[tuple[str, Callable[[Path], FakeNode], dict[str, object], Status, str, str]] = [
     # (case, node, run kwargs, status of the check, detail fragment, fix fragment)
     (
@@ -186,7 +80,15 @@ FAILURES: list[tuple[str, Callable[[Path], FakeNode], dict[str, object], Status,
         {},
         Status.FAIL,
         "no IOMMU groups",
-        'intel_iommu=on iommu=pt" (Intel)',
+        'enable VT-d in the BIOS, then add "intel_iommu=on iommu=pt" to GRUB_CMDLINE_LINUX',
+    ),
+    (
+        "iommu-off-amd",
+        lambda p: FakeNode(p, cmdline="ro quiet", iommu=False, cpu_vendor="AuthenticAMD"),
+        {},
+        Status.FAIL,
+        "no IOMMU groups",
+        'enable AMD-Vi in the BIOS, then add "amd_iommu=on iommu=pt"',
     ),
     (
         "iommu-asked-but-absent",
@@ -194,7 +96,7 @@ FAILURES: list[tuple[str, Callable[[Path], FakeNode], dict[str, object], Status,
         {},
         Status.FAIL,
         "disabled in the BIOS",
-        "update-grub",
+        "already asks for the IOMMU: enable VT-d in the BIOS setup",
     ),
     (
         "vfio-modules-missing",
@@ -230,11 +132,19 @@ FAILURES: list[tuple[str, Callable[[Path], FakeNode], dict[str, object], Status,
     ),
     (
         "no-hugepages",
-        lambda p: FakeNode(p, hugepages={"2048kB": 0}),
+        lambda p: FakeNode(p, hugepages={"1048576kB": 0, "2048kB": 0}),
         {},
         Status.WARN,
         "no hugepages reserved",
         "hugepagesz=1G",
+    ),
+    (
+        "no-hugepages-2m-only",
+        lambda p: FakeNode(p, hugepages={"2048kB": 0}),
+        {},
+        Status.WARN,
+        "no hugepages reserved",
+        "hugepages-2048kB/nr_hugepages",
     ),
     (
         "fm-full-passthrough-mode",
@@ -261,12 +171,27 @@ FAILURES: list[tuple[str, Callable[[Path], FakeNode], dict[str, object], Status,
         "systemctl status nvidia-fabricmanager",
     ),
     (
+        "fm-client-missing",
+        FakeNode,
+        {"fm": FmAnswer(client_missing="fmpm not found: /x/fmpm does not exist", backend="fmpm")},
+        Status.FAIL,
+        "Fabric Manager not asked: fmpm not found: /x/fmpm does not exist",
+        "set fabric_manager.fmpm_path",
+    ),
+    (
         "fm-waiting-after-restart",
         FakeNode,
-        {"fm": FmAnswer(error=str(FmNotConfigured("list")), error_code=-8)},
+        {
+            "fm": FmAnswer(
+                error=str(FmNotConfigured("list")),
+                error_code=-8,
+                backend="fmpm",
+                client="/opt/fm-client/fmpm",
+            )
+        },
         Status.FAIL,
         "NOT_CONFIGURED",
-        "--set-activated-list",
+        "`/opt/fm-client/fmpm --set-activated-list <ids>`",
     ),
     (
         "fm-no-partitions",
@@ -308,15 +233,18 @@ FAILURES.append(
 CHECK_OF_CASE = {
     "module-map-empty": "module-map",
     "iommu-off": "iommu",
+    "iommu-off-amd": "iommu",
     "iommu-asked-but-absent": "iommu",
     "vfio-modules-missing": "vfio-modules",
     "gpu-on-nvidia-driver": "gpus-vfio",
     "group-not-viable": "gpus-vfio",
     "no-dev-vfio-node": "gpus-vfio",
     "no-hugepages": "hugepages",
+    "no-hugepages-2m-only": "hugepages",
     "fm-full-passthrough-mode": "fm-shared-nvswitch-mode",
     "fm-config-unreadable": "fm-shared-nvswitch-mode",
     "fm-unreachable": "fm-reachable",
+    "fm-client-missing": "fm-reachable",
     "fm-waiting-after-restart": "fm-reachable",
     "fm-no-partitions": "fm-reachable",
     "module-map-incomplete": "module-map",
@@ -349,19 +277,23 @@ def test_each_check_fails_with_its_fix(
     assert fix in result.fix
     assert not result.passed
     assert exit_code(results) == (1 if status is Status.FAIL else 0)
-    # The other checks are unaffected, except the ones that depend on the broken fact.
-    dependent = {"iommu": {"gpus-vfio"}, "fm-reachable": {"module-map"}}
-    others = {
-        r.name
-        for r in results
-        if r.status is not Status.PASS
-        and r.name != result.name
-        and r.name not in dependent.get(result.name, set())
+    # The other checks are unaffected, except the ones that depend on the broken fact:
+    # those are skipped, name it, and give no fix of their own.
+    dependent = {
+        "iommu": {"gpus-vfio"},
+        "vfio-modules": {"gpus-vfio"},
+        "fm-shared-nvswitch-mode": {"fm-reachable"},
+        "fm-reachable": {"module-map"},
     }
-    assert others == set(), format_report(results)
+    others = {r.name for r in results if r.status is not Status.PASS and r.name != result.name}
+    expected = dependent.get(result.name, set()) if status is Status.FAIL else set()
+    assert others == expected, format_report(results)
+    for skipped in (check(results, name) for name in expected):
+        assert skipped.status is Status.SKIP and skipped.fix == "", format_report(results)
+        assert f"{result.name} failed" in skipped.detail
 
 
-def test_no_gpus_found_names_the_ids(tmp_path: Path) -> None:
+def test_gpus_of_an_unconfigured_model_are_named_with_their_id(tmp_path: Path) -> None:
     roots = FakeNode(tmp_path).build()
     results = run_checks(
         roots,
@@ -369,10 +301,46 @@ def test_no_gpus_found_names_the_ids(tmp_path: Path) -> None:
         module_map={},
         fm=FmAnswer(report=h200_report()),
     )
-    result = check(results, "gpus-vfio")
-    assert result.status is Status.FAIL
-    assert "10de:2330" in result.detail
-    assert "10de:2335" in result.fix
+    result = results[0]
+    assert result.name == "gpus" and result.status is Status.FAIL
+    assert "no GPU with a configured ID (10de:2330)" in result.detail
+    assert "8 x 10de:2335 (H200 SXM 141GB)" in result.detail
+    assert "add 10de:2335 to vfio.gpu_device_ids" in result.fix
+    assert {r.status for r in results[1:]} == {Status.SKIP}
+
+
+@pytest.mark.parametrize("lspci", [True, False], ids=["with-lspci", "without-lspci"])
+def test_a_node_without_gpus_leads_with_that_and_skips_the_rest(
+    tmp_path: Path, lspci: bool
+) -> None:
+    """The root cause first; no GRUB edit, module load or FM fix for a node that has no
+    GPU; ``lspci`` suggested only where it is installed."""
+    commands = ("update-grub", "modprobe", "systemctl") + (("lspci",) if lspci else ())
+    node = FakeNode(
+        tmp_path,
+        cmdline="ro quiet",
+        iommu=False,
+        modules=(),
+        hugepages={"2048kB": 0},
+        fm_config=None,
+        gpu_device=None,
+        commands=commands,
+    )
+    results = run(node, fm=FmAnswer(error="CONNECTION_NOT_VALID", error_code=-9))
+    text = format_report(results)
+    first = results[0]
+    assert first.name == "gpus" and first.status is Status.FAIL, text
+    assert "no NVIDIA GPU on this node" in first.detail
+    assert text.splitlines()[0].startswith("[FAIL] gpus: no NVIDIA GPU")
+    for r in results[1:]:
+        assert r.status is Status.SKIP, text
+        assert r.detail.startswith("skipped: gpus failed"), text
+        assert r.fix == ""
+    assert text.count("fix:") == 1
+    assert "GRUB" not in text and "modprobe" not in text and "systemctl" not in text
+    assert ("lspci -nn -d 10de:" in first.fix) is lspci
+    assert text.endswith("0 passed, 0 warning(s), 1 failed, 7 skipped\n")
+    assert exit_code(results) == 1
 
 
 def test_bridge_in_group_keeps_it_viable(tmp_path: Path) -> None:
@@ -380,13 +348,19 @@ def test_bridge_in_group_keeps_it_viable(tmp_path: Path) -> None:
     assert check(run(node), "gpus-vfio").status is Status.PASS
 
 
-def test_unchecked_fm_warns_and_module_map_is_still_compared_with_sysfs(tmp_path: Path) -> None:
+def test_unasked_fm_is_skipped_and_module_map_is_still_compared_with_sysfs(
+    tmp_path: Path,
+) -> None:
     roots = FakeNode(tmp_path).build()
     results = run_checks(roots, gpu_device_ids=GPU_IDS, module_map=MODULE_MAP)
-    assert check(results, "fm-reachable").status is Status.WARN
+    fm = check(results, "fm-reachable")
+    assert (fm.status, fm.fix) == (Status.SKIP, "")
     mm = check(results, "module-map")
-    assert mm.status is Status.WARN
-    assert "all discovered GPUs" in mm.detail
+    assert mm.status is Status.SKIP
+    assert "all discovered GPUs" in mm.detail and "not asked" in mm.detail
+    assert exit_code(results) == 0
+    bad = run_checks(roots, gpu_device_ids=GPU_IDS, module_map={**MODULE_MAP, 3: "0000:00:1f.0"})
+    assert check(bad, "module-map").status is Status.FAIL  # the node side is still judged
 
 
 def test_duplicate_module_map_address_fails() -> None:
@@ -448,11 +422,12 @@ def test_format_report_shows_status_detail_and_fix() -> None:
         CheckResult("hugepages", Status.WARN, "none", "reserve some"),
         CheckResult("module-map", Status.FAIL, "module 8 missing", "add it"),
     ]
-    text = format_report(results)
+    text = format_report([*results, CheckResult("gpus-vfio", Status.SKIP, "skipped: x")])
     assert "[PASS] iommu: 64 IOMMU groups" in text
     assert "[WARN] hugepages: none\n       fix: reserve some" in text
     assert "[FAIL] module-map: module 8 missing\n       fix: add it" in text
-    assert text.endswith("1 passed, 1 warning(s), 1 failed\n")
+    assert "[SKIP] gpus-vfio: skipped: x\n" in text
+    assert text.endswith("1 passed, 1 warning(s), 1 failed, 1 skipped\n")
     assert exit_code(results) == 1
     assert exit_code(results[:2]) == 0
 
@@ -507,14 +482,21 @@ def test_on_a_node_like_the_real_h200_the_fixes_name_its_id_and_the_iommu_once(
     sysfs, dev, proc = real_like_node(tmp_path)
     roots = doctor.Roots(proc=proc, sysfs=sysfs, dev=dev, fm_config=tmp_path / "absent.cfg")
     results = run_checks(roots, gpu_device_ids=GPU_DEVICE_IDS, module_map={})
-    gpus = check(results, "gpus-vfio")
-    assert gpus.status is Status.FAIL
-    assert "10de:2335" in gpus.fix and REAL_ADDRESS in gpus.fix
+    gpus = check(results, "gpus")
+    assert (gpus.status, gpus.detail) == (
+        Status.PASS,
+        "1 x 10de:2335 (H200 SXM 141GB); drivers: nvidia 1",
+    )
     others = [key for key in GPU_DEVICE_IDS if key != "10de:2335"]
     fixes = " ".join(r.fix for r in results)
     assert not [key for key in others if key in fixes]  # never another model's ID
-    assert check(results, "iommu").fix == doctor.FIX_IOMMU
+    iommu = check(results, "iommu")
+    assert iommu.status is Status.FAIL
     assert fixes.count("intel_iommu=on") == 1  # the IOMMU fix once, no bind recipe
-    assert "driver_override" not in gpus.fix
+    assert "amd_iommu=on" in iommu.fix  # no /proc/cpuinfo here: both vendors named
+    bind = check(results, "gpus-vfio")
+    assert (bind.status, bind.fix) == (Status.SKIP, "")
+    assert bind.detail == "skipped: iommu and vfio-modules failed; fix those first"
+    assert "driver_override" not in fixes and REAL_ADDRESS not in fixes
     module_map = check(results, "module-map")
     assert "prepare-node --print-module-map" in module_map.fix

@@ -4,9 +4,11 @@ label set the Grafana dashboard groups by, and the device counts by state."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -23,8 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deployments" / "grafana" / "nvswitch-dp-dashboard.json"
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+# `make deps` extracts both programs from Debian's package into the virtualenv's bin
+# directory, beside the interpreter (the package itself is not installed: its service
+# would hold :9090); a system-wide install on PATH serves as well.
+_SEARCH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+PROMTOOL = shutil.which("promtool", path=_SEARCH) or "/usr/bin/promtool"
+PROMETHEUS = shutil.which("prometheus", path=_SEARCH) or "/usr/bin/prometheus"
 
 
 @pytest.fixture
