@@ -8,7 +8,7 @@
             │   the shared start (core.py): wait for FM's first report, resume a
             │   restarted FM, join module IDs with sysfs, build the node machine
             ├── run_effects                 every FM call the node machine asks for
-            ├── serve_api                   Quart-Trio on Hypercorn (api/server.py:
+            ├── serve_api                   Quart-Trio on Hypercorn (nvswitch_dp/api/server.py:
             │                               connections capped, idle/read deadlines)
             ├── supervise_fabric            list FM every period (at once on trouble)
             ├── watch_gpu_health            VFIO state of every GPU

@@ -10,7 +10,7 @@ real behaviour live in ``tests/`` and ``testkit/``.
 Inward (what the edges may ask of the node): :class:`KubeletSide` (the device plugin's
 gRPC services and watchers), :class:`OperatorSide` (the REST API) and
 :class:`PartitionHolder` (DRA Prepare/Unprepare). The controller implements the first
-two; the edges read :class:`~nvswitch_dp.partitions.node.NodeView` pictures and call
+two; the edges read :class:`~nvswitch_dp.partitions.view.NodeView` pictures and call
 these methods, never the controller's machine. The core (``partitions/``) imports none
 of this module.
 """
@@ -209,7 +209,7 @@ class PartitionHolder(Protocol):
     """The node core, as DRA mode's Prepare and Unprepare use it: partitions held by claims.
 
     Every method runs on the daemon's Trio thread. The holder owns the partition state;
-    callers own nothing they get back (a :class:`~nvswitch_dp.controller.ContainerGrant`
+    callers own nothing they get back (a :class:`~nvswitch_dp.partitions.layout.ContainerGrant`
     is a value).
     """
 

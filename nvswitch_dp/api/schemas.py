@@ -2,8 +2,8 @@
 
 Each builder matches a schema of ``openapi.yaml`` (``Partition``, ``Gpu``, ``Node``);
 schemathesis checks every answer of the running daemon against them. The builders read
-only a :class:`~nvswitch_dp.controller.NodeLayout` (fixed facts) and a
-:class:`~nvswitch_dp.partitions.node.NodeView` (one generation of the node state
+only a :class:`~nvswitch_dp.partitions.layout.NodeLayout` (fixed facts) and a
+:class:`~nvswitch_dp.partitions.view.NodeView` (one generation of the node state
 machine), so one answer never mixes two states; the one I/O is :func:`gpu_driver`, a
 ``readlink`` in sysfs.
 """
