@@ -57,7 +57,10 @@ test: lint
 test-cover: lint
 	$(BIN)/pytest --cov=nvswitch_dp --cov-report=term-missing --cov-report=xml
 
+# setuptools builds in ./build: a leftover from an older checkout would put modules that
+# no longer exist (the old top-level api/, nvswitch_dp/testing/) into the wheel.
 build: deps
+	rm -rf build
 	$(BIN)/pip wheel --no-deps -w dist .
 
 image-build:
