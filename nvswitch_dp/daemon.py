@@ -172,9 +172,11 @@ def main_run(config: Config) -> int:
         log.error("cannot start: %s", error)
     for bind_error in unbound:
         log.error(
-            "cannot start: %s; another process serves that address (is a daemon or demo "
-            "already running?): stop it or choose another api.listen (--api-listen)",
-            bind_error,
+            "cannot start: api.listen %s: %s; another process serves that address (is a "
+            "daemon or demo already running?): stop it or choose another api.listen "
+            "(--api-listen)",
+            config.api.listen,
+            bind_error.strerror or bind_error,
         )
     for crash in crashed:
         log.critical("internal error, exiting with %d", EXIT_INTERNAL, exc_info=crash)

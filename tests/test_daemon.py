@@ -171,3 +171,32 @@ def test_a_bad_config_names_the_key_and_stops_the_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "fabric_manager.timeout_seconds" in result.stderr
+
+
+def test_a_taken_listen_address_is_one_line_and_status_2(tmp_path: Path) -> None:
+    """Another process on api.listen (a second daemon, a demo left running): one
+    ``cannot start:`` line naming the address and what to do, no traceback, exit 2."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "nvswitch_dp", "run", "--simulate", "hgx-h200"),
+                *("--state-dir", str(tmp_path / "state"), "--api-listen", f"127.0.0.1:{port}"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HGX_H200_CONFIG_PATH": ""},
+        )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "cannot start:" in line]
+    assert len(lines) == 1, result.stderr
+    assert f"api.listen 127.0.0.1:{port}: Address already in use" in lines[0]
+    assert "already running" in lines[0]
+    assert "Traceback" not in result.stderr
+    # Nothing of the kubelet's was left behind under the state directory either.
+    assert not list((tmp_path / "state").rglob("nvswitch-dp-*.sock"))
