@@ -1172,7 +1172,10 @@ class Campaign:
             code = daemon.process.wait(timeout=START_DEADLINE_S)
         except subprocess.TimeoutExpired:
             code = None
-        refusals = [line for line in daemon.log_text().splitlines() if "cannot start:" in line]
+        # Only this process's lines: a refusal of an earlier overlap (an earlier daemon in
+        # the same directory) is in the shared log too.
+        own_lines = daemon.own_log_text().splitlines()
+        refusals = [line for line in own_lines if "cannot start:" in line]
         said = any(f"{a} and {b}" in line for line in refusals)
         if code != 1 or len(refusals) != 1 or not said:
             self.violate(

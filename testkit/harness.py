@@ -67,6 +67,7 @@ class DaemonProcess:
         self.log_path = workdir / "daemon.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        self._log_start = 0  # where this process's lines begin in the shared log
 
     @property
     def url(self) -> str:
@@ -79,6 +80,7 @@ class DaemonProcess:
     def start(self) -> DaemonProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        self._log_start = log.tell()
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
             self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env
@@ -87,7 +89,16 @@ class DaemonProcess:
         return self
 
     def log_text(self) -> str:
+        """The whole log: every process started in this directory appends to it."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def own_log_text(self) -> str:
+        """What this process wrote (the log from where it began)."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
 
     def get(self, path: str) -> tuple[int, Any]:
         """GET ``path`` from the REST API: (status, decoded JSON or text)."""
