@@ -246,13 +246,16 @@ def test_garbled_lists_and_an_impossible_overlap_leave_no_violation(
     # waits for FM and serves once they clear; one started while FM has the overlap
     # refuses to start (exit 1, one line naming both), and serves once the operator
     # deactivates the partition no pod holds.
+    # A second refusal in the same run is checked in its own daemon's lines (every daemon
+    # of a campaign appends to one log).
     script = parse_script(
         "fm=garbled;allocate=1x:partition-7;fm=ungarbled;fm-overlap=6,14;settle;"
-        "fm=garbled;daemon-kill;settle;fm-overlap=6,14;daemon-term;settle"
+        "fm=garbled;daemon-kill;settle;fm-overlap=6,14;daemon-term;settle;"
+        "fm-overlap=5,13;daemon-kill;settle"
     )
     result = run_campaign(tmp_path, backend, 1, 0, script=script)
-    assert result.steps == 11
+    assert result.steps == 14
     assert result.faults["FM garbled"] == 2
-    assert result.faults["FM reports overlapping partitions active"] == 2
+    assert result.faults["FM reports overlapping partitions active"] == 3
     assert result.convergence_s, "the settle measured no convergence"
     assert not result.violations, "\n".join(str(v) for v in result.violations)
