@@ -39,6 +39,7 @@ from nvswitch_dp.fabric.types import FabricManagerError, FmNotConfigured, FmRepo
 from nvswitch_dp.limits import open_fd_count, rest_connection_limit
 from nvswitch_dp.metrics import Metrics
 from nvswitch_dp.partitions.layout import GpuSlot
+from nvswitch_dp.partitions.naming import resource_prefix
 from nvswitch_dp.partitions.node import NodeMachine, resume_list_at_start
 from nvswitch_dp.partitions.state import OverlappingActive
 from nvswitch_dp.partitions.table import PartitionTable
@@ -84,7 +85,8 @@ class Node:
         return None
 
 
-MachineFactory = Callable[[PartitionTable, FmReport, float], NodeMachine]
+# FM's table, its first report, the time and the resource prefix -> the mode's machine.
+MachineFactory = Callable[[PartitionTable, FmReport, float, str], NodeMachine]
 HeldPartitions = Callable[[], Awaitable[set[int] | None]]
 
 
@@ -211,27 +213,32 @@ async def start_core(
     *,
     held: HeldPartitions,
     machine_for: MachineFactory,
-    resource_prefix: str,
-    found: Sequence[PciGpu],
+    stopping: list[Callable[[], None]],
     readiness: Callable[[], Sequence[str]] | None = None,
 ) -> tuple[PartitionController, Node]:
     """The shared start (module docstring): returns the running controller and the node.
 
     ``held`` says which partitions are in use when FM must be resumed at start;
-    ``machine_for`` builds the mode's node machine from FM's table and first report
-    (raising ``StateError`` subclasses, which a mode may translate); ``found`` is the
-    start's sysfs scan (:func:`find_gpus`); ``readiness`` replaces the REST API's
-    ``/readyz`` check (DRA mode). Raises :class:`StartError` (see the module docstring).
+    ``machine_for`` builds the mode's node machine from FM's table, its first report and
+    the resource prefix (raising ``StateError`` subclasses, which a mode may translate);
+    what must run when a stop signal comes (closing the change feed) is appended to
+    ``stopping`` as soon as it exists; ``readiness`` replaces the REST API's ``/readyz``
+    check (DRA mode). Raises :class:`StartError` (see the module docstring).
     """
     fabric = build_fabric_client(config)
     report = await first_report(fabric, held)
+    # Sysfs is read once FM has answered (it may have waited long: GPUs bound meanwhile
+    # count), and names the resources (plugin.resource_prefix: auto).
+    found = find_gpus(config)
+    prefix = resource_prefix(config.plugin.resource_prefix, (g.name for g in found))
     node = discover_node(config, report, found)
     table = PartitionTable.from_report(report)
     try:
-        machine = machine_for(table, report, trio.current_time())
+        machine = machine_for(table, report, trio.current_time(), prefix)
     except OverlappingActive as exc:
         raise StartError(overlap_refusal(exc)) from None
-    controller = build_controller(config, machine, fabric, node, resource_prefix)
+    controller = build_controller(config, machine, fabric, node, prefix)
+    stopping.append(controller.feed.close)
     log.info("Fabric Manager (%s) reports %d partitions", fabric.name, len(table))
     await nursery.start(controller.run_effects)
     rest_rate = config.api.requests_per_second or None

@@ -127,12 +127,11 @@ async def run_daemon(
         if config.plugin.mode == "dra":
             from nvswitch_dp.dra.mode import start_dra
 
-            controller = await start_dra(config, nursery)
+            controller = await start_dra(config, nursery, stopping)
         else:
             from nvswitch_dp.plugin.mode import start_device_plugin
 
-            controller = await start_device_plugin(config, nursery)
-        stopping.append(controller.feed.close)
+            controller = await start_device_plugin(config, nursery, stopping)
         task_status.started(controller)
 
 

@@ -89,7 +89,7 @@ from nvswitch_dp.vfio.simulate.faults import (
     restore_vfio_group,
     unbind,
 )
-from nvswitch_dp.vfio.simulate.node import SimulatedNode
+from nvswitch_dp.vfio.simulate.node import SimulatedNode, device_dir
 
 R = "nvidia.com/gpu-h200"
 RESOURCES = [f"{R}-{n}x" for n in (1, 2, 4, 8)]
@@ -296,6 +296,29 @@ async def test_a_b200_node_serves_resources_named_after_its_gpus(
         b200 = [f"nvidia.com/gpu-b200-{n}x" for n in (1, 2, 4, 8)]
         assert sorted(controller.layout.resources) == sorted(b200)
         await kubelet.wait_registered(b200)
+        daemon.cancel_scope.cancel()
+
+
+async def test_a_gpu_that_appears_while_fm_is_awaited_at_start_is_served(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Sysfs is read once FM has answered: a GPU bound (or shown) during the wait counts."""
+    config = make_config(tmp_path)
+    device_file = device_dir(Path(config.vfio.sysfs_root), MODULE_MAP[8]) / "device"
+    real = device_file.read_text()
+    device_file.write_text("0x0000\n")  # not a GPU we serve, for now
+    fm_inject(config, "unreachable")
+    async with kubelet_side(config), trio.open_nursery() as daemon:
+
+        async def gpu_and_fm_come() -> None:
+            await trio.sleep(30)
+            device_file.write_text(real)
+            fm_inject(config, "reachable")
+
+        daemon.start_soon(gpu_and_fm_come)
+        controller: PartitionController = await daemon.start(run_daemon, config)
+        assert 8 not in controller.view().module_faults
+        assert set(controller.layout.gpus) == set(MODULE_MAP)
         daemon.cancel_scope.cancel()
 
 

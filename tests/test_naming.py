@@ -8,7 +8,19 @@ import logging
 import pytest
 
 from nvswitch_dp.fabric.platforms import PLATFORMS
-from nvswitch_dp.partitions.naming import FALLBACK_PREFIX, model_token, resource_prefix
+from nvswitch_dp.fabric.types import FmGpu, FmPartition, FmReport
+from nvswitch_dp.partitions.effects import Deactivate
+from nvswitch_dp.partitions.naming import (
+    FALLBACK_PREFIX,
+    is_former_name,
+    may_be_ours,
+    model_token,
+    resource_prefix,
+)
+from nvswitch_dp.partitions.node import NodeMachine
+from nvswitch_dp.partitions.table import PartitionTable
+from nvswitch_dp.plugin.pod_resources import assigned_partitions, our_resources
+from nvswitch_dp.ports import PodDevices
 from nvswitch_dp.vfio.pci_ids import GPU_DEVICE_IDS
 
 
@@ -55,3 +67,29 @@ def test_no_model_falls_back_and_says_how_to_name_them(
         assert resource_prefix("auto", []) == FALLBACK_PREFIX
     assert "plugin.resource_prefix" in caplog.text
     assert "no GPU found in sysfs" in caplog.text
+
+
+def test_pods_admitted_under_the_former_default_names_keep_their_partition() -> None:
+    """A B200 node upgraded in place: its resources become gpu-b200-*, but a VM admitted
+    before holds nvidia.com/gpu-h200-2x; its partition stays held, never deactivated."""
+    rows = [(pid, modules) for pid, modules, _ in PLATFORMS["hgx-b200"].rows]
+    table = PartitionTable.from_rows(rows)
+    report = FmReport(
+        tuple(
+            FmPartition(pid, pid == 4, tuple(FmGpu(m, 18, 18) for m in table[pid].sorted_modules))
+            for pid in sorted(table.ids)
+        )
+    )
+    prefix = resource_prefix("auto", ["HGX B200"])
+    resources = {f"{prefix}-{size}x" for size in table.sizes}
+    machine = NodeMachine(table, report, 0.0, grace=30.0, resources=resources)
+    holdings = [PodDevices("ns", "vm", "c", "nvidia.com/gpu-h200-2x", ("partition-4",))]
+    ours = our_resources(resources)
+    for now in (1.0, 40.0, 100.0):
+        machine.pod_resources(assigned_partitions(ours, holdings), now)
+    assert not any(isinstance(e, Deactivate) for e in machine.take_effects())
+    assert machine.snapshot().partitions[4].in_use
+    # Names of other plugins are not ours; a name like ours counts only at start.
+    assert not ours("nvidia.com/gpu") and not ours("example.com/gpu-b200-2x")
+    assert may_be_ours("example.com/gpu-b200-2x") and not may_be_ours("nvidia.com/gpu")
+    assert is_former_name("nvidia.com/gpu-h200-16x") and not is_former_name(f"{prefix}-2x")

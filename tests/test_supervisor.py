@@ -195,7 +195,7 @@ async def test_a_plugin_starting_beside_a_restarted_fm_resumes_it_from_pod_resou
     inject_fault(sim, "restart")
     store.save(sim)
     pods = Pods([PodDevices("ml", "vm", "compute", f"{R}-4x", ("partition-1",))])
-    report = await first_report(SimulatedFabricManager(store), lambda: partitions_held(pods, R))
+    report = await first_report(SimulatedFabricManager(store), lambda: partitions_held(pods))
     assert report.active_ids == {1}  # 6 was held by nobody
     assert not store.load().awaiting_set_activated
 
@@ -209,8 +209,6 @@ async def test_without_pod_resources_a_restarted_fm_is_resumed_empty_before_it_d
     inject_fault(sim, "restart")
     store.save(sim)
     begin = trio.current_time()
-    report = await first_report(
-        SimulatedFabricManager(store), lambda: partitions_held(Pods(None), R)
-    )
+    report = await first_report(SimulatedFabricManager(store), lambda: partitions_held(Pods(None)))
     assert report.active_ids == frozenset()
     assert FM_RESUME_PATIENCE_S <= trio.current_time() - begin < 60

@@ -28,7 +28,7 @@ import trio
 from nvswitch_dp.api.schemas import fabric_problems
 from nvswitch_dp.config import Config
 from nvswitch_dp.controller import PartitionController
-from nvswitch_dp.core import Node, StartError, find_gpus, start_core
+from nvswitch_dp.core import MachineFactory, Node, StartError, start_core
 from nvswitch_dp.dra.cdi import CdiDirectory
 from nvswitch_dp.dra.checkpoint import Checkpoint, CheckpointError
 from nvswitch_dp.dra.claim_status import ClaimStatusWriter
@@ -42,7 +42,6 @@ from nvswitch_dp.dra.publish import PoolPublisher
 from nvswitch_dp.dra.slices import PoolInputs, build_pool
 from nvswitch_dp.fabric.platforms import PLATFORMS
 from nvswitch_dp.fabric.types import FmReport
-from nvswitch_dp.partitions.naming import resource_prefix
 from nvswitch_dp.partitions.node import NodeMachine
 from nvswitch_dp.partitions.state import OverlappingActive, StateError
 from nvswitch_dp.partitions.table import PartitionTable
@@ -88,7 +87,9 @@ class DraHealth:
             problems.append("ResourceSlices not published yet")
         elif self.publisher.problem is not None:
             problems.append(self.publisher.problem)
-        if self.controller is not None:
+        if self.controller is None:
+            problems.append("the node is starting")
+        else:
             node = self.controller.view()
             if not node.fabric_reachable:
                 problems.append(f"Fabric Manager is unreachable: {node.fabric_problem}")
@@ -109,12 +110,12 @@ async def load_claims(checkpoint: Checkpoint) -> dict[str, int]:
 
 def claims_machine(
     config: Config, checkpoint: Checkpoint, claims: Mapping[str, int]
-) -> Callable[[PartitionTable, FmReport, float], NodeMachine]:
+) -> MachineFactory:
     """The machine factory of DRA mode: the checkpoint's claims are held from the first
     event on, so nothing the machine decides at start can deactivate a prepared
     partition. A claim naming a partition FM does not have is a :class:`StartError`."""
 
-    def build(table: PartitionTable, report: FmReport, now: float) -> NodeMachine:
+    def build(table: PartitionTable, report: FmReport, now: float, prefix: str) -> NodeMachine:
         grace = config.plugin.release_grace_seconds
         try:
             return NodeMachine(table, report, now, grace=grace, mode=Mode.DRA, claims=claims)
@@ -129,10 +130,13 @@ def claims_machine(
     return build
 
 
-async def start_dra(config: Config, nursery: trio.Nursery) -> PartitionController:
+async def start_dra(
+    config: Config, nursery: trio.Nursery, stopping: list[Callable[[], None]]
+) -> PartitionController:
     """Start DRA mode in ``nursery``; the controller once the kubelet's sockets are
     served (the first publishing round has ended, published or not: the API server may
-    be down, which ``/readyz`` reports).
+    be down, which ``/readyz`` reports). ``stopping``: see
+    :func:`~nvswitch_dp.core.start_core`.
 
     Errors: :class:`StartError` for no node name, no usable kubeconfig, a checkpoint
     that cannot be read or names partitions FM does not have.
@@ -148,7 +152,6 @@ async def start_dra(config: Config, nursery: trio.Nursery) -> PartitionControlle
     claims = await load_claims(checkpoint)
     health = DraHealth(RegistrationState())
     window = config.fabric_manager.list_failure_window_seconds
-    found = find_gpus(config)
 
     async def held() -> set[int]:
         return set(claims.values())
@@ -158,8 +161,7 @@ async def start_dra(config: Config, nursery: trio.Nursery) -> PartitionControlle
         nursery,
         held=held,
         machine_for=claims_machine(config, checkpoint, claims),
-        resource_prefix=resource_prefix(config.plugin.resource_prefix, (g.name for g in found)),
-        found=found,
+        stopping=stopping,
         readiness=lambda: health.problems(window),
     )
     health.controller = controller

@@ -14,15 +14,15 @@ FM has active is held until PodResources says otherwise (rule N6 in
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from nvswitch_dp.config import Config
 from nvswitch_dp.controller import PartitionController
-from nvswitch_dp.core import find_gpus, start_core
+from nvswitch_dp.core import start_core
 from nvswitch_dp.fabric.types import FmReport
-from nvswitch_dp.partitions.naming import resource_prefix
 from nvswitch_dp.partitions.node import NodeMachine
 from nvswitch_dp.partitions.table import PartitionTable
 from nvswitch_dp.plugin.lifecycle import serve_resource
@@ -36,19 +36,22 @@ from nvswitch_dp.plugin.pod_resources import (
 log = logging.getLogger(__name__)
 
 
-async def start_device_plugin(config: Config, nursery: trio.Nursery) -> PartitionController:
+async def start_device_plugin(
+    config: Config, nursery: trio.Nursery, stopping: list[Callable[[], None]]
+) -> PartitionController:
     """Start the device-plugin mode in ``nursery``; the controller once every resource
-    serves (registration with the kubelet goes on in the background).
+    serves (registration with the kubelet goes on in the background). ``stopping``: see
+    :func:`~nvswitch_dp.core.start_core`.
 
     Errors: :class:`~nvswitch_dp.core.StartError` from the shared start; ``OSError``
     when the plugin directory cannot be created.
     """
     pods = GrpcPodResourcesClient(Path(config.plugin.pod_resources_socket))
-    found = find_gpus(config)
-    prefix = resource_prefix(config.plugin.resource_prefix, (g.name for g in found))
     grace = config.plugin.release_grace_seconds
 
-    def machine_for(table: PartitionTable, report: FmReport, now: float) -> NodeMachine:
+    def machine_for(
+        table: PartitionTable, report: FmReport, now: float, prefix: str
+    ) -> NodeMachine:
         # Whatever FM has active may be in use: held until PodResources says otherwise.
         resources = [f"{prefix}-{size}x" for size in table.sizes]
         return NodeMachine(table, report, now, grace=grace, resources=resources)
@@ -56,10 +59,9 @@ async def start_device_plugin(config: Config, nursery: trio.Nursery) -> Partitio
     controller, _ = await start_core(
         config,
         nursery,
-        held=lambda: partitions_held(pods, prefix),
+        held=lambda: partitions_held(pods),
         machine_for=machine_for,
-        resource_prefix=prefix,
-        found=found,
+        stopping=stopping,
     )
     resources = controller.layout.resources
     log.info("serving %s", ", ".join(resources))

@@ -9,12 +9,13 @@ device-plugin API has no Deallocate.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import trio
 from grpclib.client import Channel
 
+from nvswitch_dp.partitions.naming import FORMER_DEFAULT_PREFIX, is_former_name, may_be_ours
 from nvswitch_dp.partitions.table import partition_id_of
 from nvswitch_dp.plugin.grpc_trio import call_aio
 from nvswitch_dp.ports import KubeletSide, PodDevices, PodResourcesClient
@@ -77,15 +78,23 @@ def assigned_partitions(ours: Callable[[str], bool], holdings: Iterable[PodDevic
     return assigned
 
 
-async def partitions_held(pods: PodResourcesClient, resource_prefix: str) -> set[int] | None:
-    """Partition IDs pods hold in any ``<resource_prefix>-<n>x`` resource, before the
-    resources are known (at start); None, logged, when PodResources cannot be read."""
+async def partitions_held(pods: PodResourcesClient) -> set[int] | None:
+    """Partition IDs pods hold, at start: before the resources are known, every resource
+    named like ours (``<prefix>-<n>x``) counts, so nothing a pod may use is left out when
+    FM is resumed. None when PodResources cannot be read (logged at debug: the caller
+    says what it does without)."""
     try:
         holdings = await pods.list_assigned()
     except Exception as exc:  # unreadable for whatever reason: we know nothing
-        log.warning("PodResources unreadable at start (%s)", exc)
+        log.debug("PodResources unreadable at start (%s)", exc)
         return None
-    return assigned_partitions(lambda name: name.startswith(resource_prefix + "-"), holdings)
+    return assigned_partitions(may_be_ours, holdings)
+
+
+def our_resources(resources: Collection[str]) -> Callable[[str], bool]:
+    """The watcher's test of a PodResources resource name: one we serve, or the former
+    default name (pods admitted before an upgrade renamed the resources keep theirs)."""
+    return lambda name: name in resources or is_former_name(name)
 
 
 def release_check_interval(grace: float) -> float:
@@ -104,7 +113,10 @@ async def watch_pod_resources(
 
     Error handling: a reading that fails (any error, or no answer within
     ``LIST_TIMEOUT_S``) is fed as "unreadable", and the machine releases nothing on it.
+    Pods holding devices under the former default name are counted (and said once).
     """
+    ours = our_resources(node.layout.resources)
+    former_said = False
     unreachable_logged = False
     task_status.started()
     while True:
@@ -118,6 +130,16 @@ async def watch_pod_resources(
                 unreachable_logged = True
         else:
             unreachable_logged = False
-            assigned = assigned_partitions(node.layout.resources.__contains__, holdings)
+            assigned = assigned_partitions(ours, holdings)
+            former = sorted({h.pod for h in holdings if is_former_name(h.resource_name)})
+            if former and not former_said:
+                former_said = True
+                log.warning(
+                    "pods %s hold partitions under the former resource names %s-<n>x; "
+                    "they keep them until they end (new pods get %s)",
+                    ", ".join(former),
+                    FORMER_DEFAULT_PREFIX,
+                    ", ".join(node.layout.resources),
+                )
         node.pod_resources(assigned)
         await trio.sleep(interval)
