@@ -37,11 +37,12 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from nvswitch_dp.config.schema import DEFAULT_DRA_DRIVER
+from nvswitch_dp.dra.cdi import CdiMount
 from nvswitch_dp.dra.checkpoint import PreparedClaim
 from nvswitch_dp.dra.errors import ClaimNotFound, ClaimRefused, ClaimUnreadable
 from nvswitch_dp.dra.uid import is_claim_uid, validate_claim_uid
@@ -55,9 +56,6 @@ from nvswitch_dp.ports import (
     PartitionHolder,
     PreparedClaimStore,
 )
-
-if TYPE_CHECKING:
-    from nvswitch_dp.dra.cdi import CdiMount
 
 log = logging.getLogger(__name__)
 
@@ -282,13 +280,15 @@ class DraDriver:
         """Checkpointed claims (uid -> entry), a copy."""
         return dict(self._prepared)
 
-    async def start(self) -> None:
-        """Load the checkpoint and give its holdings to the holder (never deactivated).
+    async def start(self, loaded: Mapping[str, PreparedClaim] | None = None) -> None:
+        """Give the checkpoint's holdings to the holder (never deactivated): ``loaded``,
+        the checkpoint as the caller already read it, or read now when None.
 
         Raises whatever the checkpoint store raises for a corrupt checkpoint: the daemon
         must not start beside prepared claims it cannot read.
         """
-        loaded = await trio.to_thread.run_sync(self.checkpoint.load)
+        if loaded is None:
+            loaded = await trio.to_thread.run_sync(self.checkpoint.load)
         self._prepared = dict(loaded)
         self.holder.restore_claims({uid: c.partition_id for uid, c in self._prepared.items()})
         self._started = True

@@ -30,7 +30,7 @@ from nvswitch_dp.config import Config
 from nvswitch_dp.controller import PartitionController
 from nvswitch_dp.core import MachineFactory, Node, StartError, start_core
 from nvswitch_dp.dra.cdi import CdiDirectory
-from nvswitch_dp.dra.checkpoint import Checkpoint, CheckpointError
+from nvswitch_dp.dra.checkpoint import Checkpoint, CheckpointError, PreparedClaim
 from nvswitch_dp.dra.claim_status import ClaimStatusWriter
 from nvswitch_dp.dra.driver import DraDriver
 from nvswitch_dp.dra.holder import ControllerHolder
@@ -97,15 +97,15 @@ class DraHealth:
         return problems
 
 
-async def load_claims(checkpoint: Checkpoint) -> dict[str, int]:
-    """Claim uid -> partition from the checkpoint. Raises :class:`StartError` when it
+async def load_prepared(checkpoint: Checkpoint) -> Mapping[str, PreparedClaim]:
+    """The checkpoint's prepared claims, read once at start (the machine is built with
+    their holdings, the driver starts from them). Raises :class:`StartError` when it
     cannot be read (the message names the file and the fix)."""
     try:
         checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
-        prepared = await trio.to_thread.run_sync(checkpoint.load)
+        return await trio.to_thread.run_sync(checkpoint.load)
     except (CheckpointError, OSError) as exc:
         raise StartError(str(exc)) from None
-    return {uid: entry.partition_id for uid, entry in prepared.items()}
 
 
 def claims_machine(
@@ -149,7 +149,8 @@ async def start_dra(
     except KubeConfigError as exc:
         raise StartError(str(exc)) from None
     checkpoint = Checkpoint(Path(config.state_dir) / CHECKPOINT_FILE)
-    claims = await load_claims(checkpoint)
+    prepared = await load_prepared(checkpoint)
+    claims = {uid: entry.partition_id for uid, entry in prepared.items()}
     health = DraHealth(RegistrationState())
     window = config.fabric_manager.list_failure_window_seconds
 
@@ -173,7 +174,7 @@ async def start_dra(
     )
     kube = KubeClient(kube_config)
     nursery.start_soon(_close_on_exit, kube.aclose)
-    await _start_edges(config, nursery, controller, node, kube, checkpoint, health)
+    await _start_edges(config, nursery, controller, node, kube, checkpoint, prepared, health)
     return controller
 
 
@@ -184,6 +185,7 @@ async def _start_edges(
     node: Node,
     kube: KubeClient,
     checkpoint: Checkpoint,
+    prepared: Mapping[str, PreparedClaim],
     health: DraHealth,
 ) -> None:
     """The DRA driver, its slices, its claims' status and the kubelet's sockets."""
@@ -213,10 +215,7 @@ async def _start_edges(
         checkpoint=checkpoint,
         metadata=metadata,
     )
-    try:
-        await driver.start()
-    except CheckpointError as exc:  # changed under our feet since it was read at start
-        raise StartError(str(exc)) from None
+    await driver.start(prepared)
     source = PoolSource(
         view=controller.view,
         layout=controller.layout,

@@ -81,12 +81,11 @@ def assigned_partitions(ours: Callable[[str], bool], holdings: Iterable[PodDevic
 async def partitions_held(pods: PodResourcesClient) -> set[int] | None:
     """Partition IDs pods hold, at start: before the resources are known, every resource
     named like ours (``<prefix>-<n>x``) counts, so nothing a pod may use is left out when
-    FM is resumed. None when PodResources cannot be read (logged at debug: the caller
-    says what it does without)."""
+    FM is resumed. None, with the cause logged, when PodResources cannot be read."""
     try:
         holdings = await pods.list_assigned()
     except Exception as exc:  # unreadable for whatever reason: we know nothing
-        log.debug("PodResources unreadable at start (%s)", exc)
+        log.warning("PodResources unreadable at start (%s)", exc)
         return None
     return assigned_partitions(may_be_ours, holdings)
 
