@@ -53,7 +53,6 @@ then killed by PID). Every wait has a deadline. Only Unix sockets and 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -74,6 +73,7 @@ from typing import Any, Self
 
 import grpc
 
+from nvswitch_dp.fabric.fmpm_sim import state_lock
 from nvswitch_dp.fabric.platforms import platform
 from nvswitch_dp.fabric.simulator import FabricSimulator, SimulatorStore, inject_fault
 from nvswitch_dp.fabric.types import FabricManagerError
@@ -444,19 +444,6 @@ def fake_fmpm_path() -> str:
     return path
 
 
-@contextlib.contextmanager
-def _fm_lock(path: Path) -> Iterator[None]:
-    # The fake fmpm serialises its runs with flock on "<state file>.lock"; take the same
-    # lock so an injected fault never interleaves with an fmpm run.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 class FabricTruth:
     """FM's state file: what FM really has active, and where faults are injected.
 
@@ -480,7 +467,7 @@ class FabricTruth:
 
     def change(self, apply: Callable[[FabricSimulator], None]) -> None:
         """Read, ``apply``, write back; FM's typed errors from ``apply`` propagate."""
-        with _fm_lock(self.path):
+        with state_lock(self.path):
             for _ in range(20):
                 before = self._inode()
                 sim = self.store.load()

@@ -35,7 +35,7 @@ import trio
 from grpclib.exceptions import GRPCError
 
 from nvswitch_dp.demo.cluster import ClaimSpec, PrepareAnswer
-from nvswitch_dp.demo.wire import call_on
+from nvswitch_dp.plugin.grpc_trio import call_on
 from nvswitch_dp.proto import pluginregistration as reg
 from nvswitch_dp.proto.k8s.io.kubelet.pkg.apis.dra import v1 as dra_v1
 from nvswitch_dp.proto.k8s.io.kubelet.pkg.apis.dra import v1beta1 as dra_v1beta1

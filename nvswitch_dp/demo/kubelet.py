@@ -35,7 +35,8 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from trio_asyncio import trio_as_aio
 
-from nvswitch_dp.demo.wire import call_on, on_channel_aio, serve
+from nvswitch_dp.demo.wire import serve
+from nvswitch_dp.plugin.grpc_trio import call_on, on_channel_aio
 from nvswitch_dp.proto import v1 as pr
 from nvswitch_dp.proto import v1beta1 as dp
 

@@ -4,22 +4,20 @@ Both kubelets of the demo are grpclib programs under Trio, in the daemon's shape
 (shared/reference/stack.md, "grpclib inside Trio"): one asyncio loop from
 ``trio_asyncio.open_loop()`` above the demo's nursery, servers started and closed by
 :func:`nvswitch_dp.plugin.grpc_trio.serving`, client calls made through
-:func:`nvswitch_dp.plugin.grpc_trio.call_aio`. A handler that must reach Trio hops with
-``trio_as_aio``, as the daemon's DRA handlers do (``nvswitch_dp/dra/kubelet.py``).
+:func:`nvswitch_dp.plugin.grpc_trio.call_on` (a channel per call). A handler that must
+reach Trio hops with ``trio_as_aio``, as the daemon's DRA handlers do
+(``nvswitch_dp/dra/kubelet.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
-from grpclib.client import Channel
 
-from nvswitch_dp.plugin.grpc_trio import call_aio, serving
-
-T = TypeVar("T")
+from nvswitch_dp.plugin.grpc_trio import serving
 
 
 async def serve(
@@ -37,23 +35,3 @@ async def serve(
     async with serving(handlers, socket_path):
         task_status.started()
         await trio.sleep_forever()
-
-
-async def on_channel_aio(path: Path, call: Callable[[Channel], Awaitable[T]]) -> T:
-    """Asyncio side: open a channel to ``path``, await ``call`` on it, close it.
-
-    A channel per call, as the daemon's own client calls do: nothing is shared between
-    calls, so a plugin that restarted between two of them is simply dialled afresh.
-    Errors: whatever the call raises (``OSError`` when nothing serves ``path``,
-    ``grpclib.GRPCError`` for a failed call, ``asyncio.TimeoutError``).
-    """
-    channel = Channel(path=str(path))
-    try:
-        return await call(channel)
-    finally:
-        channel.close()
-
-
-async def call_on(path: Path, call: Callable[[Channel], Awaitable[T]]) -> T:
-    """Trio side of :func:`on_channel_aio`; raises what it raises."""
-    return await call_aio(on_channel_aio, path, call)

@@ -355,8 +355,9 @@ def _parse_args(argv: Sequence[str]) -> _Args:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """FM serialises its API calls; concurrent fake processes take a lock file instead."""
+def state_lock(path: Path) -> Iterator[None]:
+    """FM serialises its API calls; concurrent fake processes take a lock file instead
+    (``<state file>.lock``; whoever changes the state file from outside takes it too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -378,7 +379,7 @@ _FAILURE_TEXT = {
 
 def _operate(store: SimulatorStore, args: _Args) -> str:
     """Do ``args.operation`` against the state file; FM errors propagate."""
-    with _locked(store.path):
+    with state_lock(store.path):
         sim = store.load()
         if args.operation == "list":
             text = styled_json(partition_list_json(sim.report()))
@@ -403,7 +404,7 @@ def _operate(store: SimulatorStore, args: _Args) -> str:
     # FM trains NVLinks before it answers; the partition shows active only afterwards, and
     # FM checks again then, as another client may have taken the GPUs meanwhile.
     time.sleep(delay)
-    with _locked(store.path):
+    with state_lock(store.path):
         sim = store.load()
         sim.activate(args.partition_id)
         store.save(sim)
@@ -426,7 +427,7 @@ def run(argv: Sequence[str], env: dict[str, str]) -> tuple[int, str, str]:
     store = SimulatorStore(Path(path), env.get(PLATFORM_ENV, DEFAULT_PLATFORM))
     try:
         if args.injects:
-            with _locked(store.path):
+            with state_lock(store.path):
                 sim = store.load()
                 for spec in args.injects:
                     inject_fault(sim, spec)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
@@ -157,4 +158,22 @@ async def call_aio(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
     return result
 
 
-__all__ = ["ClosingServer", "call_aio", "serving"]
+async def on_channel_aio(path: Path, call: Callable[[Channel], Awaitable[T]]) -> T:
+    """Asyncio side: open a channel to the Unix socket ``path``, await ``call`` on it,
+    close it. A channel per call: nothing is shared between calls, so a peer that
+    restarted between two of them is simply dialled afresh. Errors: whatever the call
+    raises (``OSError`` when nothing serves ``path``, ``grpclib.GRPCError``,
+    ``asyncio.TimeoutError``)."""
+    channel = Channel(path=str(path))
+    try:
+        return await call(channel)
+    finally:
+        channel.close()
+
+
+async def call_on(path: Path, call: Callable[[Channel], Awaitable[T]]) -> T:
+    """Trio side of :func:`on_channel_aio`; raises what it raises."""
+    return await call_aio(on_channel_aio, path, call)
+
+
+__all__ = ["ClosingServer", "call_aio", "call_on", "on_channel_aio", "serving"]

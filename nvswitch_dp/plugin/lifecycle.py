@@ -18,12 +18,11 @@ import os
 from pathlib import Path
 
 import trio
-from grpclib.client import Channel
 
 from nvswitch_dp.files import file_identity
 from nvswitch_dp.limits import CAPACITY_ERRNOS, RateLimitedLog
 from nvswitch_dp.metrics import Metrics
-from nvswitch_dp.plugin.grpc_trio import call_aio, serving
+from nvswitch_dp.plugin.grpc_trio import call_on, serving
 from nvswitch_dp.plugin.service import DevicePluginService
 from nvswitch_dp.ports import KubeletSide
 from nvswitch_dp.proto import v1beta1 as dp
@@ -49,22 +48,16 @@ def socket_name(resource: str) -> str:
 async def register(plugin_dir: Path, resource: str, endpoint: str) -> None:
     """Call Registration.Register on ``kubelet.sock``. Raises ``OSError``/``GRPCError``."""
 
-    async def register_aio() -> None:
-        channel = Channel(path=str(plugin_dir / KUBELET_SOCKET))
-        try:
-            await dp.RegistrationStub(channel).register(
-                dp.RegisterRequest(
-                    version=API_VERSION,
-                    endpoint=endpoint,
-                    resource_name=resource,
-                    options=dp.DevicePluginOptions(get_preferred_allocation_available=True),
-                ),
-                timeout=REGISTER_TIMEOUT_S,
-            )
-        finally:
-            channel.close()
-
-    await call_aio(register_aio)
+    request = dp.RegisterRequest(
+        version=API_VERSION,
+        endpoint=endpoint,
+        resource_name=resource,
+        options=dp.DevicePluginOptions(get_preferred_allocation_available=True),
+    )
+    await call_on(
+        plugin_dir / KUBELET_SOCKET,
+        lambda channel: dp.RegistrationStub(channel).register(request, timeout=REGISTER_TIMEOUT_S),
+    )
 
 
 async def register_with_backoff(plugin_dir: Path, resource: str, endpoint: str) -> None:

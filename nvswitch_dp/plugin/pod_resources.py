@@ -13,11 +13,10 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import trio
-from grpclib.client import Channel
 
 from nvswitch_dp.partitions.naming import FORMER_DEFAULT_PREFIX, is_former_name, may_be_ours
 from nvswitch_dp.partitions.table import partition_id_of
-from nvswitch_dp.plugin.grpc_trio import call_aio
+from nvswitch_dp.plugin.grpc_trio import call_on
 from nvswitch_dp.ports import KubeletSide, PodDevices, PodResourcesClient
 from nvswitch_dp.proto import v1 as podresources
 
@@ -37,16 +36,13 @@ class GrpcPodResourcesClient:
         self.socket_path = socket_path
 
     async def list_assigned(self) -> list[PodDevices]:
-        async def list_aio() -> podresources.ListPodResourcesResponse:
-            channel = Channel(path=str(self.socket_path))
-            try:
-                return await podresources.PodResourcesListerStub(channel).list(
-                    podresources.ListPodResourcesRequest(), timeout=LIST_TIMEOUT_S
-                )
-            finally:
-                channel.close()
-
-        response = await call_aio(list_aio)
+        request = podresources.ListPodResourcesRequest()
+        response = await call_on(
+            self.socket_path,
+            lambda channel: podresources.PodResourcesListerStub(channel).list(
+                request, timeout=LIST_TIMEOUT_S
+            ),
+        )
         return [
             PodDevices(
                 pod.namespace, pod.name, container.name, dev.resource_name, tuple(dev.device_ids)
